@@ -1,0 +1,406 @@
+"""
+The WebSocket gateway: a thin Autobahn adapter around ``ServerHandshake`` and
+``Session`` (STYLE.md §4). It owns timers (handshake deadline, heartbeat,
+session expiry), message-size limits and the connection-level limits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from . import metrics, wire
+from .handshake import AuthRequest, ServerHandshake
+from .session import Session
+from .storage import StorageUnavailable
+from .wire import Malformed, ProtocolError
+
+log = Logger()
+
+
+def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
+    """The client's address (PROTOCOL.md §12): the peer unless it is a trusted proxy; IPv6 by /64."""
+    ip = peer_host
+    if forwarded_for and peer_host in trusted:
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if hop not in trusted:
+                ip = hop
+                break
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        return str(ipaddress.ip_network(ip + "/64", strict=False))
+    return ip
+
+
+@implementer(IPushProducer)
+class _Outbound:
+    """Registered on the TCP transport so a full send buffer pauses delivery."""
+
+    def __init__(self, proto: "GatewayProtocol") -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        if self.proto.session is not None:
+            self.proto.session.outbound_paused()
+            self.proto.watch_stall()
+
+    def resumeProducing(self) -> None:
+        if self.proto.session is not None:
+            self.proto.session.outbound_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class GatewayProtocol(WebSocketServerProtocol):
+    """One WebSocket connection."""
+
+    node: Any = None  # set by the factory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: Optional[Session] = None
+        self.handshake: Optional[ServerHandshake] = None
+        self.ip = ""
+        self.unexpected = 0
+        self.authenticating = False
+        self.queued: List[Tuple[str, Dict[str, Any]]] = []
+        self.timers: List[Any] = []
+        self.gone = False
+        self.last_pong = 0.0
+        self.paused_since: Optional[float] = None
+        self.paused_total = 0.0
+        self.stall_mark: Optional[int] = None
+        self.session_id = uuid.uuid4().hex
+
+    # -------------------------------------------------------------- connection
+
+    def onConnect(self, request: Any) -> None:
+        node = self.factory.node
+        self.node = node
+        forwarded = request.headers.get("x-forwarded-for")
+        self.ip = client_ip(self.transport.getPeer().host, forwarded, node.trusted_proxies)
+        if node.draining:
+            raise ConnectionDeny(503, "Server draining")
+        if node.ip_connections.get(self.ip).try_take(1) > 0:
+            metrics.LIMIT_HITS.labels(limit="connections_per_ip").inc()
+            raise ConnectionDeny(429, "Too many connections")
+        return None
+
+    def onOpen(self) -> None:
+        node = self.node
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+        metrics.CONNECTIONS.labels(state="open").inc()
+        node.connections.add(self)
+        s = node.settings
+        self.maxMessagePayloadSize = s.max_preauth_message_bytes
+        self.maxFramePayloadSize = s.max_preauth_message_bytes
+        wait = node.ip_failures.get(self.ip).wait_for(1)
+        if wait > 0:
+            metrics.LIMIT_HITS.labels(limit="handshake_failures_per_ip").inc()
+            self.close(4029, "Too many failed handshakes; retry after {} s".format(max(1, int(wait + 0.999))))
+            return
+        self.handshake = ServerHandshake(node.server_key, require_v2=s.require_v2)
+        self.timers.append(node.clock.callLater(s.handshake_timeout, self._handshake_timeout))
+
+    def _handshake_timeout(self) -> None:
+        if self.session is None and not self.gone:
+            self._handshake_failed(1008, "Handshake timeout", "timeout")
+
+    def _handshake_failed(self, code: int, reason: str, result: str) -> None:
+        metrics.HANDSHAKES.labels(result=result).inc()
+        self.node.ip_failures.get(self.ip).take(1)
+        self.close(code, reason)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame with any code (Autobahn's sendClose allows only 1000/3000–4999)."""
+        if self.gone or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
+            return
+        metrics.CLOSES.labels(code=str(code)).inc()
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        if code == 1008 and reason == "Heartbeat timeout":
+            self.timers.append(self.node.clock.callLater(5, self._drop))
+
+    def _drop(self) -> None:
+        if not self.gone and self.transport is not None:
+            self.transport.abortConnection()
+
+    # -------------------------------------------------------------- frames
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # Never async: Autobahn would discard the coroutine.
+        if self.gone:
+            return
+        try:
+            msg_type, fields = wire.parse_message(payload)
+        except Malformed:
+            if self.session is None:
+                self._handshake_failed(1008, "Invalid message format", "malformed")
+            else:
+                self.session.close(1008, "Invalid message format")
+            return
+        if self.session is not None:
+            self.session.on_frame(msg_type, fields)
+        elif self.authenticating:
+            self.queued.append((msg_type, fields))
+        else:
+            self._preauth(msg_type, fields)
+
+    def _preauth(self, msg_type: str, fields: Dict[str, Any]) -> None:
+        hs = self.handshake
+        if hs is None:
+            return
+        try:
+            if msg_type == "client_hello" and not hs.hello_done:
+                self.sendMessage(wire.encode("server_hello", hs.client_hello(fields)))
+                return
+            if msg_type == "client_auth" and hs.hello_done:
+                auth = hs.client_auth(fields)
+                self.authenticating = True
+                d = Deferred.fromCoroutine(self._authenticate(auth))
+                d.addErrback(self._auth_error)
+                return
+        except ProtocolError as e:
+            result = "bad_signature" if e.reason == "Invalid client signature" else "bad_format"
+            self._handshake_failed(e.code, e.reason, result)
+            return
+        self.unexpected += 1
+        if self.unexpected > self.node.settings.max_preauth_messages:
+            self._handshake_failed(1008, "Too many messages before authentication", "too_many_messages")
+
+    async def _authenticate(self, auth: AuthRequest) -> None:
+        node = self.node
+        s = node.settings
+        storage = node.storage
+        device = await storage.get_device(auth.user_id, auth.device_id)
+        if self.gone:
+            return
+        if device is not None and device.revoked_at is not None:
+            self._handshake_failed(4003, "Device revoked", "revoked")
+            return
+        presence = node.presence
+        if presence.device_count(auth.user_id, auth.device_id) >= s.sockets_per_device:
+            metrics.LIMIT_HITS.labels(limit="sockets_per_device").inc()
+            metrics.HANDSHAKES.labels(result="limited").inc()
+            self.close(4029, "Too many sockets for this device; retry after 30 s")
+            return
+        if presence.user_count(auth.user_id) >= s.sockets_per_user:
+            metrics.LIMIT_HITS.labels(limit="sockets_per_user").inc()
+            metrics.HANDSHAKES.labels(result="limited").inc()
+            self.close(4029, "Too many sockets for this user; retry after 30 s")
+            return
+        now = node.now_ms()
+        device, created = await storage.register_device(auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
+        if self.gone:
+            return
+        if device.revoked_at is not None:
+            self._handshake_failed(4003, "Device revoked", "revoked")
+            return
+        session = Session(
+            node, _Conn(self), auth.user_id, auth.device_id, self.session_id, auth.protocol_version,
+            device.name, device.type,
+        )
+        node.hub.attach(session)  # subscribe first, then read the head (§7.3)
+        self.session = session
+        online = presence.add(auth.user_id, auth.device_id, self.session_id, now)
+        head = await storage.head(auth.user_id)
+        if self.gone:
+            return
+        node.hub.known_head(auth.user_id, head)
+        age = s.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))
+        expires_at = now + int(age * 1000)
+        self.sendMessage(wire.encode("session_established", {
+            "type": "session_established",
+            "device_id": auth.device_id,
+            "last_ack_device_seq": device.last_device_seq,
+            "expires_at": expires_at,
+            "session_id": self.session_id,
+            "protocol_version": auth.protocol_version,
+            "server_time": node.now_ms(),
+        }))
+        metrics.HANDSHAKES.labels(result="ok").inc()
+        metrics.CONNECTIONS.labels(state="authenticated").inc()
+        log.info("session {session_id} established (v{version}, new device: {created})",
+                 session_id=self.session_id, version=auth.protocol_version, created=created)
+        self.maxMessagePayloadSize = s.max_message_bytes
+        self.maxFramePayloadSize = s.max_message_bytes
+        self._cancel_timers()
+        clock = node.clock
+        self.last_pong = clock.seconds()
+        self.timers.append(clock.callLater(age, session.expire))
+        self._schedule_ping()
+        self._register_outbound()
+        if online:
+            node.announce_presence(auth.user_id, auth.device_id, device.name, device.type, True, now)
+        if created:
+            node.hub.notify_user(auth.user_id, "device_paired", {
+                "type": "device_paired", "device_id": auth.device_id, "device_name": device.name,
+                "device_type": device.type, "timestamp": now,
+            }, exclude_device=auth.device_id)
+        session.established(head, device.delivered_seq, device.last_device_seq)
+        queued, self.queued = self.queued, []
+        self.authenticating = False
+        for msg_type, fields in queued:
+            session.on_frame(msg_type, fields)
+
+    def _auth_error(self, failure: Failure) -> None:
+        if failure.check(StorageUnavailable):
+            metrics.HANDSHAKES.labels(result="storage_error").inc()
+            self.close(1013, "Storage unavailable")
+            return
+        log.failure("handshake bug", failure)
+        self.close(1011, "Internal error")
+
+    def _register_outbound(self) -> None:
+        t = self.transport
+        try:
+            if getattr(t, "producer", None) is not None:
+                t.unregisterProducer()
+            t.bufferSize = self.node.settings.outbound_pause_bytes
+            t.registerProducer(_Outbound(self), True)
+        except Exception as e:  # a transport without producer support: no outbound pausing
+            log.warn("outbound flow control unavailable: {error}", error=str(e))
+
+    def watch_stall(self) -> None:
+        """While delivery is paused, close 4008 if no byte leaves the buffer for the timeout."""
+        self.stall_mark = _buffered(self.transport)
+        self.timers.append(self.node.clock.callLater(self.node.settings.slow_consumer_timeout, self._check_stall))
+
+    def _check_stall(self) -> None:
+        session = self.session
+        if self.gone or session is None or not session.out_paused:
+            return
+        now = _buffered(self.transport)
+        if self.stall_mark is not None and now >= self.stall_mark:
+            session.close(4008, "Slow consumer")
+            return
+        self.watch_stall()
+
+    # -------------------------------------------------------------- heartbeat
+
+    def _schedule_ping(self) -> None:
+        self.timers.append(self.node.clock.callLater(self.node.settings.heartbeat_interval, self._ping))
+
+    def _ping(self) -> None:
+        if self.gone:
+            return
+        now = self.node.clock.seconds()
+        paused = self.paused_total + (now - self.paused_since if self.paused_since is not None else 0.0)
+        if now - self.last_pong - paused > self.node.settings.heartbeat_timeout:
+            if self.session is not None:
+                self.session.stopped = True
+            self.close(1008, "Heartbeat timeout")
+            return
+        self.sendPing()
+        self._schedule_ping()
+
+    def onPong(self, payload: bytes) -> None:
+        self.last_pong = self.node.clock.seconds()
+        self.paused_total = 0.0
+        if self.paused_since is not None:
+            self.paused_since = self.last_pong
+
+    def reading_paused(self, paused: bool) -> None:
+        """Bookkeeping so paused time does not count against the heartbeat."""
+        now = self.node.clock.seconds()
+        if paused and self.paused_since is None:
+            self.paused_since = now
+        elif not paused and self.paused_since is not None:
+            self.paused_total += now - self.paused_since
+            self.paused_since = None
+
+    # -------------------------------------------------------------- end
+
+    def _cancel_timers(self) -> None:
+        for t in self.timers:
+            if t.active():
+                t.cancel()
+        self.timers = []
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        node = self.node
+        if node is None:
+            return
+        self._cancel_timers()
+        node.connections.discard(self)
+        metrics.CONNECTIONS.labels(state="open").dec()
+        session = self.session
+        if session is not None:
+            metrics.CONNECTIONS.labels(state="authenticated").dec()
+            session.lost()
+            node.hub.detach(session)
+            now = node.now_ms()
+            if node.presence.remove(session.user_id, session.device_id, self.session_id, now):
+                node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
+            node.cursors.flush()
+
+
+class _Conn:
+    """The ``Conn`` a Session uses, backed by the Autobahn protocol."""
+
+    __slots__ = ("proto",)
+
+    def __init__(self, proto: GatewayProtocol) -> None:
+        self.proto = proto
+
+    def send(self, data: bytes) -> None:
+        if not self.proto.gone:
+            self.proto.sendMessage(data, False)
+
+    def close(self, code: int, reason: str) -> None:
+        self.proto.close(code, reason)
+
+    def pause_reading(self) -> None:
+        if not self.proto.gone:
+            self.proto.transport.pauseProducing()
+            self.proto.reading_paused(True)
+
+    def resume_reading(self) -> None:
+        if not self.proto.gone:
+            self.proto.transport.resumeProducing()
+            self.proto.reading_paused(False)
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes waiting in a Twisted TCP transport's send buffer (best effort)."""
+    try:
+        return int(sum(len(b) for b in transport._tempDataBuffer) + len(transport.dataBuffer) - transport.offset)
+    except Exception:
+        return 0
+
+
+def make_factory(node: Any) -> WebSocketServerFactory:
+    """The Autobahn factory for ``/ws``: no compression, close frames on protocol errors."""
+    factory = WebSocketServerFactory()
+    factory.protocol = GatewayProtocol
+    factory.node = node
+    factory.setProtocolOptions(
+        failByDrop=False,
+        autoPingInterval=0,
+        openHandshakeTimeout=node.settings.handshake_timeout,
+        closeHandshakeTimeout=5,
+        maxFramePayloadSize=node.settings.max_preauth_message_bytes,
+        maxMessagePayloadSize=node.settings.max_preauth_message_bytes,
+        autoFragmentSize=0,
+        perMessageCompressionAccept=lambda offers: None,
+    )
+    return factory

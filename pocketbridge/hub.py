@@ -1,0 +1,182 @@
+"""
+The delivery hub: routes committed events and notices to this node's sockets.
+
+The bus (in-process here, Redis in a cluster) is only a wake-up; storage is
+the truth. Per user the hub remembers the highest seq it routed; a
+notification above that + 1 makes it read the missing range from storage
+first, so every socket sees the user's events contiguously in ``seq`` order
+(ARCHITECTURE.md, the event path step 4).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Protocol, Set
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from . import metrics, wire
+from .events import StoredEvent, relay_payload
+from .storage import Storage
+
+log = Logger()
+
+
+class LiveSink(Protocol):
+    """What the hub needs from a session."""
+
+    user_id: str
+    device_id: str
+
+    def deliver_live(self, event: StoredEvent, frame: bytes) -> None: ...
+
+    def send_notice(self, frame: bytes) -> None: ...
+
+    def close_for(self, code: int, reason: str, notice: Optional[bytes]) -> None: ...
+
+
+class _UserRoute:
+    __slots__ = ("sinks", "head", "chain", "busy")
+
+    def __init__(self) -> None:
+        self.sinks: Set[LiveSink] = set()
+        self.head: Optional[int] = None
+        self.chain: "Deferred[None]" = succeed(None)
+        self.busy = 0  # storage reads queued on ``chain``
+
+
+class DeliveryHub:
+    """Per-node routing of events and notices to local sessions."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.users: Dict[str, _UserRoute] = {}
+        self.bus: Any = None  # set by the bus that feeds this hub
+
+    # ----------------------------------------------------------- sessions
+
+    def attach(self, sink: LiveSink) -> None:
+        """Start routing the user's events to ``sink`` (subscribes the node on first use)."""
+        route = self.users.get(sink.user_id)
+        if route is None:
+            route = self.users[sink.user_id] = _UserRoute()
+            if self.bus is not None:
+                self.bus.subscribe(sink.user_id)
+        route.sinks.add(sink)
+
+    def detach(self, sink: LiveSink) -> None:
+        """Stop routing to ``sink``."""
+        route = self.users.get(sink.user_id)
+        if route is None:
+            return
+        route.sinks.discard(sink)
+        if not route.sinks:
+            del self.users[sink.user_id]
+            if self.bus is not None:
+                self.bus.unsubscribe(sink.user_id)
+
+    def known_head(self, user_id: str, head: int) -> None:
+        """A session read ``head`` from storage; start gap tracking there if unknown."""
+        route = self.users.get(user_id)
+        if route is not None and route.head is None:
+            route.head = head
+
+    def sinks(self, user_id: str) -> List[LiveSink]:
+        """This node's sessions of the user."""
+        route = self.users.get(user_id)
+        return list(route.sinks) if route else []
+
+    # ----------------------------------------------------------- events
+
+    def on_event(self, user_id: str, seq: int, event: Optional[StoredEvent], committed_at: float = 0.0) -> None:
+        """A bus notification: event ``seq`` of the user was committed (event None: read it)."""
+        route = self.users.get(user_id)
+        if route is None:
+            return
+        if route.head is not None and seq <= route.head:
+            return
+        if route.head is not None and seq == route.head + 1 and event is not None and not route.busy:
+            route.head = seq
+            self._route(route, event, committed_at)
+            return
+        # A gap, an event to read, or a read already in progress: go through storage in order.
+        route.busy += 1
+        route.chain.addCallback(lambda _: self._fill(user_id, route, seq, event, committed_at))
+        route.chain.addErrback(self._fill_failed, user_id)
+        route.chain.addBoth(self._done, route)
+
+    @staticmethod
+    def _done(_: Any, route: _UserRoute) -> None:
+        route.busy -= 1
+
+    def _fill(self, user_id: str, route: _UserRoute, seq: int, event: Optional[StoredEvent], committed_at: float) -> Any:
+        if route.head is not None and seq <= route.head:
+            return None
+        start = route.head if route.head is not None else seq - 1
+        if event is not None and seq == start + 1:
+            route.head = seq
+            self._route(route, event, committed_at)
+            return None
+        metrics.BUS_GAP_READS.inc()
+        d = self.storage.read_range(user_id, start, seq)
+
+        def got(rows: List[StoredEvent]) -> None:
+            for row in rows:
+                if route.head is None or row.seq > route.head:
+                    route.head = row.seq
+                    self._route(route, row, committed_at)
+
+        d.addCallback(got)
+        return d
+
+    def _fill_failed(self, failure: Any, user_id: str) -> None:
+        # Sessions re-read from storage on reconnect; log and keep the chain alive.
+        log.warn("gap read failed: {error}", error=failure.getErrorMessage())
+
+    def _route(self, route: _UserRoute, event: StoredEvent, committed_at: float) -> None:
+        frame = wire.encode("event", relay_payload(event))
+        for sink in list(route.sinks):
+            sink.deliver_live(event, frame)
+        if committed_at:
+            metrics.DELIVERY_SECONDS.observe(max(0.0, time.monotonic() - committed_at))
+
+    # ----------------------------------------------------------- notices
+
+    def notify_user(self, user_id: str, msg_type: str, payload: Dict[str, Any], exclude_device: Optional[str] = None) -> None:
+        """Send a notice to this node's sockets of the user, except one device's."""
+        frame = wire.encode(msg_type, payload)
+        for sink in self.sinks(user_id):
+            if sink.device_id != exclude_device:
+                sink.send_notice(frame)
+
+    def close_device(self, user_id: str, device_id: Optional[str], code: int, reason: str, notice: Optional[bytes]) -> int:
+        """Close this node's sockets of one device (or of every device when None)."""
+        n = 0
+        for sink in self.sinks(user_id):
+            if device_id is None or sink.device_id == device_id:
+                sink.close_for(code, reason, notice)
+                n += 1
+        return n
+
+
+class LocalBus:
+    """The in-process bus of the embedded shape: publish calls the hub directly."""
+
+    def __init__(self, hub: DeliveryHub) -> None:
+        self.hub = hub
+        hub.bus = self
+
+    def publish_event(self, event: StoredEvent) -> None:
+        """Announce a committed event to every node (here: this one)."""
+        self.hub.on_event(event.user_id, event.seq, event, time.monotonic())
+
+    def subscribe(self, user_id: str) -> None:
+        """Nothing to do in-process."""
+
+    def unsubscribe(self, user_id: str) -> None:
+        """Nothing to do in-process."""
+
+    def healthy(self) -> bool:
+        """The in-process bus is always up."""
+        return True

@@ -1,0 +1,180 @@
+"""
+The per-node context every session shares: settings, storage, writer, hub,
+limits, presence and the delivery-cursor book. Built once in ``tap.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import metrics
+from .config import Settings, trusted_proxy_set
+from .hub import DeliveryHub
+from .ratelimit import BucketMap
+from .storage import Storage
+from .writer import EventWriter
+
+log = Logger()
+
+
+class CursorBook:
+    """
+    Batches ``delivered_seq`` writes: at most every ``interval`` seconds, on
+    disconnect and at shutdown, always as GREATEST(stored, new) in SQL.
+    """
+
+    def __init__(self, storage: Storage, clock: IReactorTime, interval: float, now_ms: Callable[[], int]) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.now_ms = now_ms
+        self.dirty: Dict[Tuple[str, str], int] = {}
+        self.loop = LoopingCall(self.flush)
+        self.loop.clock = clock
+        self.interval = interval
+
+    def start(self) -> None:
+        """Begin periodic flushing."""
+        self.loop.start(self.interval, now=False).addErrback(lambda f: log.failure("cursor loop", f))
+
+    def stop(self) -> "Deferred[None]":
+        """Stop the loop and write what is pending."""
+        if self.loop.running:
+            self.loop.stop()
+        return self.flush()
+
+    def update(self, user_id: str, device_id: str, seq: int) -> None:
+        """Remember that the device has everything up to ``seq``."""
+        key = (user_id, device_id)
+        if seq > self.dirty.get(key, -1):
+            self.dirty[key] = seq
+
+    def flush(self) -> "Deferred[None]":
+        """Write the pending cursors now."""
+        if not self.dirty:
+            return succeed(None)
+        batch, self.dirty = self.dirty, {}
+        metrics.CURSOR_WRITES.inc(len(batch))
+        d = self.storage.update_cursors(batch, self.now_ms())
+
+        def failed(f: Any) -> None:
+            log.warn("cursor write failed, will retry: {error}", error=f.getErrorMessage())
+            for key, seq in batch.items():
+                if seq > self.dirty.get(key, -1):
+                    self.dirty[key] = seq
+
+        d.addErrback(failed)
+        return d
+
+
+class LocalPresence:
+    """
+    Which sockets are authenticated on this node (the presence store of the
+    embedded shape). Tracks per device the socket ids and their auth times.
+    """
+
+    def __init__(self) -> None:
+        self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
+        self.user_sockets: Dict[str, int] = {}
+        self.last_seen: Dict[Tuple[str, str], int] = {}
+
+    def device_count(self, user_id: str, device_id: str) -> int:
+        """Live sockets of the device."""
+        return len(self.devices.get((user_id, device_id), ()))
+
+    def user_count(self, user_id: str) -> int:
+        """Live sockets of the user."""
+        return self.user_sockets.get(user_id, 0)
+
+    def add(self, user_id: str, device_id: str, socket_id: str, now_ms: int) -> bool:
+        """Record a socket; True when the device just came online."""
+        sockets = self.devices.setdefault((user_id, device_id), {})
+        sockets[socket_id] = now_ms
+        self.user_sockets[user_id] = self.user_sockets.get(user_id, 0) + 1
+        return len(sockets) == 1
+
+    def remove(self, user_id: str, device_id: str, socket_id: str, now_ms: int) -> bool:
+        """Forget a socket; True when the device just went offline."""
+        key = (user_id, device_id)
+        sockets = self.devices.get(key)
+        if not sockets or socket_id not in sockets:
+            return False
+        del sockets[socket_id]
+        n = self.user_sockets.get(user_id, 1) - 1
+        if n:
+            self.user_sockets[user_id] = n
+        else:
+            self.user_sockets.pop(user_id, None)
+        if not sockets:
+            del self.devices[key]
+            self.last_seen[key] = now_ms
+            return True
+        return False
+
+    def sockets(self, user_id: str, device_id: str) -> Dict[str, int]:
+        """socket id → authentication time (ms) of the device's live sockets."""
+        return dict(self.devices.get((user_id, device_id), {}))
+
+
+class Node:
+    """Everything a gateway connection needs from its node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        writer: EventWriter,
+        hub: DeliveryHub,
+        clock: IReactorTime,
+        server_key: Any,
+        node_id: str,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.writer = writer
+        self.hub = hub
+        self.clock = clock
+        self.server_key = server_key
+        self.node_id = node_id
+        self.rng = rng or random.SystemRandom()
+        self.cursors = CursorBook(storage, clock, settings.cursor_flush_interval, self.now_ms)
+        self.presence = LocalPresence()
+        now = clock.seconds
+        s = settings
+        self.device_events: BucketMap[Tuple[str, str]] = BucketMap(s.events_per_device_rate, s.events_per_device_burst, now)
+        self.user_events: BucketMap[str] = BucketMap(s.events_per_user_rate, s.events_per_user_burst, now)
+        self.user_bytes: BucketMap[str] = BucketMap(s.bytes_per_user_rate, s.bytes_per_user_burst, now)
+        self.ip_connections: BucketMap[str] = BucketMap(s.conn_per_ip_rate, s.conn_per_ip_burst, now)
+        self.ip_failures: BucketMap[str] = BucketMap(s.handshake_failures_per_ip / 60.0, s.handshake_failures_per_ip, now)
+        self.trusted_proxies = trusted_proxy_set(settings)
+        self.connections: Set[Any] = set()
+        self.draining = False
+        self.started_at = clock.seconds()
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds from the injected clock."""
+        return int(self.clock.seconds() * 1000)
+
+    def sweep(self) -> None:
+        """Drop idle rate-limit state (called periodically)."""
+        for m in (self.device_events, self.user_events, self.user_bytes, self.ip_connections, self.ip_failures):
+            m.sweep()
+
+    def announce_presence(
+        self, user_id: str, device_id: str, name: Optional[str], dtype: str, online: bool, now: int
+    ) -> None:
+        """Tell the user's other devices that a device came online or went offline (§10)."""
+        self.hub.notify_user(user_id, "device_status_changed", {
+            "type": "device_status_changed", "user_id": user_id, "device_id": device_id,
+            "device_name": name, "device_type": dtype, "is_online": online, "timestamp": now,
+        }, exclude_device=device_id)
+
+    def sessions_of(self, user_id: str) -> List[Any]:
+        """This node's authenticated sessions of a user."""
+        return self.hub.sinks(user_id)

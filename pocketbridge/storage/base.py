@@ -1,0 +1,461 @@
+"""
+The storage layer shared by both dialects.
+
+All SQL is parameterised and written once with ``?`` placeholders; a dialect
+subclass supplies the connection pool, the transaction start, row locking and
+the placeholder style. Every ``_txn_*`` function runs in a database thread,
+touches only its cursor, and is safe to retry (STYLE.md §8).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ..events import NewEvent, StoredEvent
+from . import migrations
+
+log = Logger()
+T = TypeVar("T")
+
+EVENT_COLUMNS = (
+    "user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq, type, encrypted_payload, ttl, created_at"
+)
+# Bytes a relayed event adds around its payload when serialized (ids, numbers, keys).
+RELAY_OVERHEAD = 400
+
+
+class StorageUnavailable(Exception):
+    """The database could not be reached or a transaction failed."""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device row as the gateway needs it."""
+
+    user_id: str
+    device_id: str
+    name: Optional[str]
+    type: str
+    created_at: int
+    last_seen: int
+    last_device_seq: int
+    delivered_seq: int
+    revoked_at: Optional[int]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the writer did with one event: stored, duplicate, conflict, quota or no_user."""
+
+    kind: str
+    seq: Optional[int] = None
+    stream_seq: Optional[int] = None
+    stored: Optional[StoredEvent] = None
+
+
+def _stored(row: Sequence[Any]) -> StoredEvent:
+    return StoredEvent(
+        user_id=row[0],
+        seq=int(row[1]),
+        event_id=row[2],
+        device_id=row[3],
+        device_seq=int(row[4]),
+        stream_id=row[5],
+        stream_seq=int(row[6]),
+        type=row[7],
+        encrypted_payload=row[8],
+        ttl=None if row[9] is None else int(row[9]),
+        created_at=int(row[10]),
+    )
+
+
+def _in(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+class Storage:
+    """
+    Users, devices and events in one SQL database via adbapi.
+
+    Subclasses set ``dialect`` and implement ``_make_pool``, ``_begin`` and
+    ``_sql``. Public methods return Deferreds.
+    """
+
+    dialect = ""
+    lock_suffix = ""  # " FOR UPDATE" where row locks exist
+
+    def __init__(self) -> None:
+        self.pool: Optional[adbapi.ConnectionPool] = None
+
+    # -------------------------------------------------------------- plumbing
+
+    def _make_pool(self) -> adbapi.ConnectionPool:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        """Translate ``?`` placeholders to the driver's style."""
+        return sql
+
+    def _begin(self, txn: Any) -> None:
+        """Start the transaction (SQLite needs an explicit BEGIN IMMEDIATE)."""
+
+    def _execute(self, txn: Any, sql: str, params: Sequence[Any] = ()) -> None:
+        txn.execute(self._sql(sql), tuple(params))
+
+    def _executemany(self, txn: Any, sql: str, rows: List[Sequence[Any]]) -> None:
+        txn.executemany(self._sql(sql), rows)
+
+    def run(self, description: str, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Run ``fn(txn, *args)`` in one transaction; failures become StorageUnavailable."""
+        assert self.pool is not None, "storage not started"
+
+        def interaction(txn: Any) -> T:
+            self._begin(txn)
+            return fn(txn, *args)
+
+        d = self.pool.runInteraction(interaction)
+
+        def failed(f: Any) -> Any:
+            if f.check(StorageUnavailable):
+                return f
+            log.warn("storage {description} failed: {error}", description=description, error=f.getErrorMessage())
+            raise StorageUnavailable(description)
+
+        d.addErrback(failed)
+        return d
+
+    def open(self) -> None:
+        """Open the connection pool (migrations ran before, see ``storage.sync``)."""
+        if self.pool is None:
+            self.pool = self._make_pool()
+
+    def start(self) -> "Deferred[int]":
+        """Open the pool and apply pending migrations; fires with the schema version."""
+        self.open()
+        return self.run("migrate", self._txn_migrate)
+
+    def close(self) -> None:
+        """Close the pool."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _txn_migrate(self, txn: Any) -> int:
+        files = migrations.available(self.dialect)
+        have = migrations.current_version(txn)
+        if have > len(files):
+            raise migrations.SchemaTooNew(
+                "database schema version {} is newer than this server ({})".format(have, len(files))
+            )
+        for version, name, sql in files[have:]:
+            for statement in migrations.statements(sql):
+                txn.execute(statement)
+            self._execute(
+                txn, "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)", (version, name, int(time.time() * 1000))
+            )
+            log.info("applied migration {name}", name=name)
+        return len(files)
+
+    def migrate(self) -> "Deferred[int]":
+        """Apply pending migrations (the pool must be open)."""
+        return self.run("migrate", self._txn_migrate)
+
+    def ping(self) -> "Deferred[bool]":
+        """A trivial query, for /health."""
+        return self.run("ping", lambda txn: (self._execute(txn, "SELECT 1"), True)[1])
+
+    # -------------------------------------------------------------- devices
+
+    def register_device(
+        self, user_id: str, device_id: str, name: Optional[str], dtype: str, now: int
+    ) -> "Deferred[Tuple[DeviceState, bool]]":
+        """
+        Create the user and device rows if absent; fires with (device, created).
+
+        A revoked device is returned as is (never re-created); ``created`` is
+        true only for the call whose insert created the device row.
+        """
+        return self.run("register_device", self._txn_register, user_id, device_id, name, dtype, now)
+
+    def _txn_register(
+        self, txn: Any, user_id: str, device_id: str, name: Optional[str], dtype: str, now: int
+    ) -> Tuple[DeviceState, bool]:
+        self._execute(
+            txn,
+            "INSERT INTO users (user_id, head_seq, purged_below_seq, stored_bytes, created_at, last_activity)"
+            " VALUES (?, 0, 0, 0, ?, ?) ON CONFLICT (user_id) DO NOTHING",
+            (user_id, now, now),
+        )
+        self._execute(
+            txn,
+            "INSERT INTO devices (user_id, device_id, name, type, created_at, last_seen)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO NOTHING",
+            (user_id, device_id, name, dtype, now, now),
+        )
+        created = txn.rowcount == 1
+        device = self._txn_get_device(txn, user_id, device_id)
+        assert device is not None
+        if not created and device.revoked_at is None:
+            self._execute(
+                txn, "UPDATE devices SET last_seen = ? WHERE user_id = ? AND device_id = ?", (now, user_id, device_id)
+            )
+        return device, created
+
+    def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[DeviceState]]":
+        """The device row, or None."""
+        return self.run("get_device", self._txn_get_device, user_id, device_id)
+
+    def _txn_get_device(self, txn: Any, user_id: str, device_id: str) -> Optional[DeviceState]:
+        self._execute(
+            txn,
+            "SELECT user_id, device_id, name, type, created_at, last_seen, last_device_seq, delivered_seq, revoked_at"
+            " FROM devices WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return None
+        return DeviceState(
+            row[0], row[1], row[2], row[3], int(row[4]), int(row[5]), int(row[6]), int(row[7]),
+            None if row[8] is None else int(row[8]),
+        )
+
+    def update_cursors(self, cursors: Dict[Tuple[str, str], int], now: int) -> "Deferred[None]":
+        """Raise each device's ``delivered_seq`` to at least the given seq (never lowers it)."""
+        rows = [(seq, now, user, device) for (user, device), seq in sorted(cursors.items())]
+        return self.run("update_cursors", self._txn_update_cursors, rows)
+
+    def _txn_update_cursors(self, txn: Any, rows: List[Tuple[int, int, str, str]]) -> None:
+        self._executemany(
+            txn,
+            "UPDATE devices SET delivered_seq = " + self.greatest("delivered_seq", "?") + ", last_seen = ?"
+            " WHERE user_id = ? AND device_id = ?",
+            rows,
+        )
+
+    def greatest(self, a: str, b: str) -> str:
+        """SQL for the larger of two values."""
+        return "GREATEST({}, {})".format(a, b)
+
+    # -------------------------------------------------------------- reading events
+
+    def head(self, user_id: str) -> "Deferred[int]":
+        """The user's highest committed seq (0 for none)."""
+        return self.run("head", self._txn_head, user_id)
+
+    def _txn_head(self, txn: Any, user_id: str) -> int:
+        self._execute(txn, "SELECT head_seq FROM users WHERE user_id = ?", (user_id,))
+        row = txn.fetchone()
+        return int(row[0]) if row else 0
+
+    def count_backlog(self, user_id: str, after: int, upto: int, exclude_device: str, now: int) -> "Deferred[int]":
+        """Events of other devices with after < seq ≤ upto, not expired at ``now``."""
+        return self.run("count_backlog", self._txn_count, user_id, after, upto, exclude_device, now)
+
+    def _txn_count(self, txn: Any, user_id: str, after: int, upto: int, exclude: str, now: int) -> int:
+        self._execute(
+            txn,
+            "SELECT COUNT(*) FROM events WHERE user_id = ? AND seq > ? AND seq <= ? AND device_id <> ?"
+            " AND (ttl IS NULL OR ttl > ?)",
+            (user_id, after, upto, exclude, now),
+        )
+        return int(txn.fetchone()[0])
+
+    def read_page(
+        self, user_id: str, after: int, upto: int, exclude_device: Optional[str], limit: int, max_bytes: int, now: int
+    ) -> "Deferred[Tuple[List[StoredEvent], bool]]":
+        """
+        The next page of events with after < seq ≤ upto, in seq order.
+
+        Skips events of ``exclude_device`` and events expired at ``now``. At
+        most ``limit`` events and about ``max_bytes`` of serialized JSON, but at
+        least one. Fires with (events, more_remaining).
+        """
+        return self.run("read_page", self._txn_read_page, user_id, after, upto, exclude_device, limit, max_bytes, now)
+
+    def _txn_read_page(
+        self, txn: Any, user_id: str, after: int, upto: int, exclude: Optional[str], limit: int, max_bytes: int, now: int
+    ) -> Tuple[List[StoredEvent], bool]:
+        where = "user_id = ? AND seq > ? AND seq <= ? AND (ttl IS NULL OR ttl > ?)"
+        params: List[Any] = [user_id, after, upto, now]
+        if exclude is not None:
+            where += " AND device_id <> ?"
+            params.append(exclude)
+        # Sizes first, so a page of large events never loads more than it sends.
+        self._execute(txn, "SELECT seq, payload_size FROM events WHERE " + where + " ORDER BY seq LIMIT ?", params + [limit + 1])
+        sizes = txn.fetchall()
+        if not sizes:
+            return [], False
+        total = 0
+        last = None
+        count = 0
+        for seq, size in sizes[:limit]:
+            cost = int(size) + RELAY_OVERHEAD
+            if count and total + cost > max_bytes:
+                break
+            total += cost
+            last = int(seq)
+            count += 1
+        more = len(sizes) > count
+        self._execute(
+            txn,
+            "SELECT " + EVENT_COLUMNS + " FROM events WHERE " + where + " AND seq <= ? ORDER BY seq",
+            params + [last],
+        )
+        return [_stored(r) for r in txn.fetchall()], more
+
+    def read_range(self, user_id: str, after: int, upto: int) -> "Deferred[List[StoredEvent]]":
+        """Every event with after < seq ≤ upto (all devices, expired included), for gap filling."""
+        return self.run("read_range", self._txn_read_range, user_id, after, upto)
+
+    def _txn_read_range(self, txn: Any, user_id: str, after: int, upto: int) -> List[StoredEvent]:
+        self._execute(
+            txn,
+            "SELECT " + EVENT_COLUMNS + " FROM events WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (user_id, after, upto),
+        )
+        return [_stored(r) for r in txn.fetchall()]
+
+    # -------------------------------------------------------------- the write path
+
+    def commit_batch(self, events: List[NewEvent], now: int, max_user_bytes: int) -> "Deferred[List[Outcome]]":
+        """
+        Store a batch in one transaction; fires with one Outcome per event, in order.
+
+        Duplicates and conflicts are decided under each user's row lock, before
+        any seq is allocated (ARCHITECTURE.md, the event path step 2).
+        """
+        return self.run("commit_batch", self._txn_commit, events, now, max_user_bytes)
+
+    def _txn_commit(self, txn: Any, events: List[NewEvent], now: int, max_user_bytes: int) -> List[Outcome]:
+        by_user: Dict[str, List[int]] = {}
+        for i, ev in enumerate(events):
+            by_user.setdefault(ev.user_id, []).append(i)
+        users = sorted(by_user)
+        # Lock the users' counter rows in a fixed order (no deadlock between nodes).
+        self._execute(
+            txn,
+            "SELECT user_id, head_seq, stored_bytes FROM users WHERE user_id IN " + _in(len(users))
+            + " ORDER BY user_id" + self.lock_suffix,
+            users,
+        )
+        heads = {r[0]: [int(r[1]), int(r[2])] for r in txn.fetchall()}
+        outcomes: List[Optional[Outcome]] = [None] * len(events)
+        inserts: List[Tuple[Any, ...]] = []
+        device_max: Dict[Tuple[str, str], int] = {}
+        stream_heads_changed: Dict[Tuple[str, str], int] = {}
+        for user in users:
+            idx = by_user[user]
+            if user not in heads:
+                for i in idx:
+                    outcomes[i] = Outcome("no_user")
+                continue
+            head, stored_bytes = heads[user]
+            by_eid, by_dseq = self._existing(txn, user, [events[i] for i in idx])
+            streams = self._stream_heads(txn, user, sorted({events[i].stream_id for i in idx}))
+            for i in idx:
+                ev = events[i]
+                prior = by_eid.get(ev.event_id)
+                same_seq = by_dseq.get((ev.device_id, ev.device_seq))
+                if prior is not None or same_seq is not None:
+                    if prior is not None and prior[0] == ev.device_id and prior[1] == ev.device_seq:
+                        outcomes[i] = Outcome("duplicate", prior[2], prior[3], prior[4])
+                    else:
+                        outcomes[i] = Outcome("conflict")
+                    continue
+                if stored_bytes + ev.payload_size > max_user_bytes:
+                    outcomes[i] = Outcome("quota")
+                    continue
+                head += 1
+                stored_bytes += ev.payload_size
+                sseq = streams.get(ev.stream_id, 0) + 1
+                streams[ev.stream_id] = sseq
+                stream_heads_changed[(user, ev.stream_id)] = sseq
+                row = StoredEvent(
+                    user, head, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, sseq,
+                    ev.type, ev.encrypted_payload, ev.ttl, now,
+                )
+                # Later events in this batch see this one as existing.
+                by_eid[ev.event_id] = (ev.device_id, ev.device_seq, head, sseq, row)
+                by_dseq[(ev.device_id, ev.device_seq)] = by_eid[ev.event_id]
+                outcomes[i] = Outcome("stored", head, sseq, row)
+                inserts.append(
+                    (user, head, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, sseq, ev.type,
+                     ev.encrypted_payload, ev.payload_size, ev.ttl, now)
+                )
+                key = (user, ev.device_id)
+                device_max[key] = max(device_max.get(key, 0), ev.device_seq)
+            heads[user] = [head, stored_bytes]
+        if inserts:
+            self._insert_events(txn, inserts)
+            self._executemany(
+                txn,
+                "UPDATE users SET head_seq = ?, stored_bytes = ?, last_activity = ? WHERE user_id = ?",
+                [(heads[u][0], heads[u][1], now, u) for u in users if u in heads],
+            )
+            self._executemany(
+                txn,
+                "INSERT INTO streams (user_id, stream_id, head) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head",
+                [(u, s, h) for (u, s), h in sorted(stream_heads_changed.items())],
+            )
+            self._executemany(
+                txn,
+                "UPDATE devices SET last_device_seq = " + self.greatest("last_device_seq", "?")
+                + ", last_seen = ? WHERE user_id = ? AND device_id = ?",
+                [(m, now, u, d) for (u, d), m in sorted(device_max.items())],
+            )
+        return [o if o is not None else Outcome("conflict") for o in outcomes]
+
+    def _insert_events(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
+        self._executemany(
+            txn,
+            "INSERT INTO events (user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq, type,"
+            " encrypted_payload, payload_size, ttl, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def _existing(
+        self, txn: Any, user: str, events: Iterable[NewEvent]
+    ) -> Tuple[Dict[str, Tuple[Any, ...]], Dict[Tuple[str, int], Tuple[Any, ...]]]:
+        evs = list(events)
+        eids = sorted({e.event_id for e in evs})
+        by_eid: Dict[str, Tuple[Any, ...]] = {}
+        by_dseq: Dict[Tuple[str, int], Tuple[Any, ...]] = {}
+        rows: List[Sequence[Any]] = []
+        self._execute(
+            txn, "SELECT " + EVENT_COLUMNS + " FROM events WHERE user_id = ? AND event_id IN " + _in(len(eids)),
+            [user] + eids,
+        )
+        rows.extend(txn.fetchall())
+        per_device: Dict[str, List[int]] = {}
+        for e in evs:
+            per_device.setdefault(e.device_id, []).append(e.device_seq)
+        for device, seqs in sorted(per_device.items()):
+            uniq = sorted(set(seqs))
+            self._execute(
+                txn,
+                "SELECT " + EVENT_COLUMNS + " FROM events WHERE user_id = ? AND device_id = ? AND device_seq IN "
+                + _in(len(uniq)),
+                [user, device] + uniq,
+            )
+            rows.extend(txn.fetchall())
+        for r in rows:
+            s = _stored(r)
+            entry = (s.device_id, s.device_seq, s.seq, s.stream_seq, s)
+            by_eid[s.event_id] = entry
+            by_dseq[(s.device_id, s.device_seq)] = entry
+        return by_eid, by_dseq
+
+    def _stream_heads(self, txn: Any, user: str, streams: List[str]) -> Dict[str, int]:
+        self._execute(
+            txn, "SELECT stream_id, head FROM streams WHERE user_id = ? AND stream_id IN " + _in(len(streams)),
+            [user] + streams,
+        )
+        return {r[0]: int(r[1]) for r in txn.fetchall()}

@@ -1,0 +1,220 @@
+"""
+``twistd pocketbridge``: options and service wiring (STYLE.md §2).
+
+``makeService`` builds a MultiService in dependency order — storage, bus and
+hub, writer, web, background loops — from plain constructors. Configuration
+errors end the process with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Dict, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import config
+from .config import ConfigError, Settings
+
+log = Logger()
+
+
+def _named(setting: config.Setting) -> Any:
+    def coerce(value: str) -> str:
+        try:
+            setting.coerce(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError("--{}: {} (got {!r})".format(setting.name.replace("_", "-"), e, value[:80])) from None
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """Command line of ``twistd pocketbridge``; each option also has an environment variable."""
+
+    optFlags = [
+        ["legacy-clients", None, "Accept X-User-ID REST auth of old web clients (env PB_LEGACY_CLIENTS=1)"],
+        ["require-v2", None, "Refuse protocol v1 clients (env PB_REQUIRE_V2=1)"],
+        ["migrate-only", None, "Apply database migrations and exit"],
+    ]
+    optParameters = [
+        [s.name.replace("_", "-"), None, None, s.help + (" (env {})".format(s.env) if s.env else ""), _named(s)]
+        for s in config.SETTINGS
+        if s.coerce is not config.flag
+    ]
+
+    def parseOptions(self, options: Optional[list] = None) -> None:
+        """Parse; a bad value ends the process with one line, not a usage dump."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            msg = str(e).replace("Parameter type enforcement failed: ", "")
+            sys.stderr.write("pocketbridge: configuration error: {}\n".format(msg))
+            raise SystemExit(2)
+
+    def postOptions(self) -> None:
+        cli: Dict[str, Any] = {}
+        for s in config.SETTINGS:
+            key = s.name.replace("_", "-")
+            if s.coerce is config.flag:
+                cli[s.name] = True if self.get(key) else None
+            else:
+                cli[s.name] = self.get(key)
+        try:
+            self["settings"] = config.resolve(cli, config.environment())
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def _fail(message: str) -> "SystemExit":
+    sys.stderr.write("pocketbridge: {}\n".format(message))
+    return SystemExit(2)
+
+
+class _Loops(Service):
+    """Periodic node upkeep: cursor writes and rate-limit sweeps."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.sweep = LoopingCall(node.sweep)
+        self.sweep.clock = node.clock
+
+    def startService(self) -> None:
+        super().startService()
+        self.node.cursors.start()
+        self.sweep.start(60, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.sweep.running:
+            self.sweep.stop()
+        return self.node.cursors.stop()
+
+
+class _Storage(Service):
+    """Opens the connection pool on start, closes it last."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+
+    def startService(self) -> None:
+        super().startService()
+        self.storage.open()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.storage.close()
+
+
+class _Gateway(Service):
+    """On stop: close sockets 1001 and flush the writer before the pool closes."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def stopService(self) -> "Deferred[Any]":
+        super().stopService()
+        node = self.node
+        node.draining = True
+        for proto in list(node.connections):
+            if proto.session is not None:
+                proto.session.close(1001, "Server going away")
+            else:
+                proto.close(1001, "Server going away")
+        return DeferredList([node.writer.flush()])
+
+
+def makeService(options: Options) -> MultiService:
+    """Wire the server from its options."""
+    from twisted.internet import reactor
+
+    from .gateway import make_factory
+    from .hub import DeliveryHub, LocalBus
+    from .keys import load_server_key
+    from .node import Node
+    from .storage import open_storage
+    from .storage.sync import migrate_now
+    from .web import build_app, build_site
+    from .writer import EventWriter
+
+    settings: Settings = options["settings"]
+    try:
+        server_key = load_server_key(settings.data_dir, config.environment())
+    except ConfigError as e:
+        raise _fail("configuration error: {}".format(e))
+    try:
+        version = migrate_now(settings)
+    except Exception as e:  # one line, never a traceback
+        raise _fail("storage error: {}".format(_one_line(e)))
+    if options.get("migrate-only"):
+        sys.stdout.write("pocketbridge: database at schema version {}\n".format(version))
+        raise SystemExit(0)
+
+    # After twistd has started its log observers (it does so after makeService).
+    reactor.callWhenRunning(_set_log_level, settings.log_level)
+    storage = open_storage(settings)
+    hub = DeliveryHub(storage)
+    bus = LocalBus(hub)
+    node_id = settings.node_id or "{}:{}".format(socket.gethostname(), os.getpid())
+    writer = EventWriter(
+        storage, reactor, lambda outcome: bus.publish_event(outcome.stored), settings.max_user_bytes,
+        max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
+    )
+    node = Node(settings, storage, writer, hub, reactor, server_key, node_id)
+    app = build_app(node, make_factory(node))
+    site = build_site(app)
+
+    top = MultiService()
+    _Storage(storage).setServiceParent(top)
+    _Loops(node).setServiceParent(top)
+    _Gateway(node).setServiceParent(top)
+    try:
+        endpoint = serverFromString(reactor, settings.listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise _fail("configuration error: --listen: {}".format(_one_line(e)))
+    web = StreamServerEndpointService(endpoint, site)
+    web._raiseSynchronously = True
+    web.setServiceParent(top)
+
+    log.info("PocketBridge {version} node {node} listening on {listen}; storage {storage}; server key {pub}",
+             version=_version(), node=node_id, listen=settings.listen,
+             storage="postgresql" if settings.database else "sqlite", pub=bytes(server_key.verify_key).hex())
+    if not settings.legacy_clients:
+        log.info("legacy REST auth (X-User-ID) is off; enable with --legacy-clients for old web clients")
+    else:
+        log.warn("legacy REST auth (X-User-ID) is ON: any caller who knows a user_id can use the legacy routes")
+    if settings.listen.startswith("tcp") and not settings.trusted_proxies:
+        log.warn("listening on plain TCP without a trusted proxy: use TLS (ssl:...) in production")
+    return top
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _set_log_level(level: str) -> None:
+    import txaio
+
+    txaio.set_global_log_level({"warn": "warn", "critical": "critical"}.get(level, level))
+    from twisted.logger import LogLevel
+
+    from .logging import install_level_filter
+
+    install_level_filter(LogLevel.levelWithName(level))
