@@ -420,6 +420,23 @@ class Session:
         self.wake = None
         if self.tracker is not None:
             self._cursor_changed()
+            self._note_unacked()
+
+    def _note_unacked(self) -> None:
+        """If delivery stalled on one unacknowledged event, count it (§7.2 give-up rule)."""
+        assert self.tracker is not None
+        low = self.tracker.lowest_unacked()
+        delivered = self.tracker.delivered()
+        if low is None or low != delivered + 1 or self.tracker.frozen is not None:
+            return
+        d = self.node.storage.record_unacked(self.user_id, self.device_id, delivered, low, self.node.now_ms())
+
+        def done(gave_up: bool) -> None:
+            if gave_up:
+                metrics.DELIVERY_GAVE_UP.inc()
+                log.info("event delivered 3 times without an ack; treating it as acknowledged")
+
+        d.addCallbacks(done, lambda f: log.warn("could not record unacked event: {e}", e=f.getErrorMessage()))
 
     def _bug(self, failure: Failure) -> None:
         log.failure("session bug", failure)

@@ -239,6 +239,36 @@ class Storage:
             rows,
         )
 
+    def record_unacked(self, user_id: str, device_id: str, delivered: int, blocker: int, now: int) -> "Deferred[bool]":
+        """
+        A connection ended with ``blocker`` (= delivered + 1) sent but never
+        acknowledged. The third connection in a row that ends so moves the
+        cursor past it (PROTOCOL.md §7.2); fires True when that happened.
+        """
+        return self.run("record_unacked", self._txn_unacked, user_id, device_id, delivered, blocker, now)
+
+    def _txn_unacked(self, txn: Any, user_id: str, device_id: str, delivered: int, blocker: int, now: int) -> bool:
+        self._execute(
+            txn, "SELECT delivered_seq, stuck_seq, stuck_count FROM devices WHERE user_id = ? AND device_id = ?"
+            + self.lock_suffix, (user_id, device_id),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return False
+        stored, stuck_seq, count = int(row[0]), int(row[1]), int(row[2])
+        current = max(stored, delivered)
+        if current >= blocker:
+            return False
+        count = count + 1 if stuck_seq == blocker else 1
+        gave_up = count >= 3
+        self._execute(
+            txn,
+            "UPDATE devices SET delivered_seq = ?, stuck_seq = ?, stuck_count = ?, last_seen = ?"
+            " WHERE user_id = ? AND device_id = ?",
+            (blocker if gave_up else current, blocker, 0 if gave_up else count, now, user_id, device_id),
+        )
+        return gave_up
+
     def greatest(self, a: str, b: str) -> str:
         """SQL for the larger of two values."""
         return "GREATEST({}, {})".format(a, b)
