@@ -218,6 +218,12 @@ class GatewayProtocol(WebSocketServerProtocol):
         )
         node.hub.attach(session)  # subscribe first, then read the head (§7.3)
         self.session = session
+        # Frames that arrived during the handshake go first, in arrival order;
+        # the session holds them until the head is known.
+        queued, self.queued = self.queued, []
+        self.authenticating = False
+        for msg_type, fields in queued:
+            session.on_frame(msg_type, fields)
         online = presence.add(auth.user_id, auth.device_id, self.session_id, now)
         head = await storage.head(auth.user_id)
         if self.gone:
@@ -254,10 +260,6 @@ class GatewayProtocol(WebSocketServerProtocol):
                 "device_type": device.type, "timestamp": now,
             }, exclude_device=auth.device_id)
         session.established(head, device.delivered_seq, device.last_device_seq)
-        queued, self.queued = self.queued, []
-        self.authenticating = False
-        for msg_type, fields in queued:
-            session.on_frame(msg_type, fields)
 
     def _auth_error(self, failure: Failure) -> None:
         if failure.check(StorageUnavailable):

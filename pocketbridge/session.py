@@ -26,6 +26,8 @@ from .storage import Outcome, StorageUnavailable
 log = Logger()
 
 KIB = 1024
+# Marks the server's own first-page request; a non-string key no client JSON can carry.
+_UNSOLICITED: Any = object()
 
 
 class Conn(Protocol):
@@ -100,7 +102,7 @@ class Session:
         if last_device_seq == 0 and start < head:
             # v1 clients only ask for pages when they think they have stored
             # something; push the first page to a fresh device ourselves.
-            self.inbox.appendleft(("replay_request", {"limit": 100, "_unsolicited": True}))
+            self.inbox.appendleft(("replay_request", {"limit": 100, _UNSOLICITED: True}))
         self.pump()
 
     # ------------------------------------------------------------ inbound
@@ -150,7 +152,7 @@ class Session:
             d = fields.get("device_seq")
             if type(d) is int and self.tracker.expects_ack(d):
                 return 0.0  # acks of delivered events come at the delivery rate
-        if fields.get("_unsolicited"):
+        if fields.get(_UNSOLICITED):
             return 0.0
         node = self.node
         buckets = [(self.frame_bucket, 1.0, "frames_per_socket")]
@@ -264,7 +266,7 @@ class Session:
         limit = fields.get("limit")
         limit = min(max(limit, 1), 1000) if type(limit) is int else 100
         self.page_busy = True
-        d = Deferred.fromCoroutine(self._serve_page(limit, bool(fields.get("_unsolicited"))))
+        d = Deferred.fromCoroutine(self._serve_page(limit, bool(fields.get(_UNSOLICITED))))
         d.addErrback(self._page_failed)
 
     async def _serve_page(self, limit: int, unsolicited: bool) -> None:
