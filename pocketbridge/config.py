@@ -23,9 +23,23 @@ class ConfigError(Exception):
     """A setting has a bad value; the message names the setting."""
 
 
+def _int(value: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError("must be an integer") from None
+
+
+def _float(value: str) -> float:
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
 def positive_int(value: str) -> int:
     """An integer ≥ 1."""
-    n = int(value)
+    n = _int(value)
     if n < 1:
         raise ValueError("must be an integer >= 1")
     return n
@@ -33,7 +47,7 @@ def positive_int(value: str) -> int:
 
 def non_negative_int(value: str) -> int:
     """An integer ≥ 0."""
-    n = int(value)
+    n = _int(value)
     if n < 0:
         raise ValueError("must be an integer >= 0")
     return n
@@ -41,7 +55,7 @@ def non_negative_int(value: str) -> int:
 
 def positive_float(value: str) -> float:
     """A number > 0."""
-    n = float(value)
+    n = _float(value)
     if not n > 0 or n != n or n == float("inf"):
         raise ValueError("must be a number > 0")
     return n
@@ -120,7 +134,7 @@ SETTINGS: List[Setting] = [
     Setting("redis", redis_url, "", "REDIS_URL", "redis:// URL for the cluster bus; absent = in-process bus"),
     Setting("legacy_clients", flag, False, "PB_LEGACY_CLIENTS", "Accept X-User-ID REST auth of old web clients (API.md 1.2)"),
     Setting("require_v2", flag, False, "PB_REQUIRE_V2", "Refuse protocol v1 clients"),
-    Setting("log_level", log_level, "info", "LOG_LEVEL", "debug, info, warn, error"),
+    Setting("log_level", log_level, "info", "LOG_LEVEL", "debug, info, warn, error or critical"),
     Setting("node_id", text, "", "PB_NODE_ID", "Name of this node (default: host:pid)"),
     Setting("trusted_proxies", text, "", "PB_TRUSTED_PROXIES", "Comma list of proxy IPs whose X-Forwarded-For is trusted"),
     # message sizes
