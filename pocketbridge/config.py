@@ -175,6 +175,17 @@ SETTINGS: List[Setting] = [
     Setting("writer_max_batch", positive_int, 1000, "PB_WRITER_MAX_BATCH", "Most events committed in one transaction"),
     Setting("writer_delay_ms", non_negative_int, 0, "PB_WRITER_DELAY_MS", "Extra milliseconds to gather a batch when idle"),
     Setting("db_pool_size", positive_int, 4, "PB_DB_POOL_SIZE", "PostgreSQL connections per node"),
+    # REST
+    Setting("cors_origin", text, "", "CORS_ORIGIN", "Comma list of allowed browser origins, or * (unset: none)"),
+    Setting("rest_requests_per_minute", positive_int, 120, "PB_REST_REQUESTS_PER_MINUTE", "REST requests per client IP per minute"),
+    Setting("pairing_failures_per_ip", positive_int, 10, "PB_PAIRING_FAILURES_PER_IP", "Failed pairing lookups per IP (and per user) per window"),
+    Setting("pairing_failures_global", positive_int, 200, "PB_PAIRING_FAILURES_GLOBAL", "Failed pairing lookups service-wide per window (divided by live codes / 50)"),
+    Setting("pairing_failure_window", positive_float, 600.0, "PB_PAIRING_FAILURE_WINDOW", "Seconds of the failed-lookup window"),
+    Setting("pairing_ttl", positive_float, 600.0, "PB_PAIRING_TTL", "Seconds a v1 pairing code lives"),
+    Setting("auth_window", positive_float, 300.0, "PB_AUTH_WINDOW", "Seconds a signed request's ts may differ from now"),
+    Setting("drain_window", positive_float, 30.0, "PB_DRAIN_WINDOW", "Seconds over which a drain closes sockets"),
+    Setting("metrics_listen", text, "", "PB_METRICS_LISTEN", "Separate endpoint for /metrics (empty: on the main port)"),
+    Setting("admin_api_key", text, "", "ADMIN_API_KEY", "Admin bearer key, at least 32 characters (environment only)", cli=False),
 ]
 
 BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -247,6 +258,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("--max-preauth-message-bytes: must not exceed --max-message-bytes")
     if s.max_payload_bytes + 64 * KIB > s.max_message_bytes:
         raise ConfigError("--max-payload-bytes: must be at least 64 KiB below --max-message-bytes")
+    if s.admin_api_key and len(s.admin_api_key) < 32:
+        raise ConfigError("ADMIN_API_KEY: must be at least 32 characters")
     if s.heartbeat_timeout < s.heartbeat_interval:
         raise ConfigError("--heartbeat-timeout: must be >= --heartbeat-interval")
 

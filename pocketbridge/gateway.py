@@ -255,7 +255,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         if online:
             node.announce_presence(auth.user_id, auth.device_id, device.name, device.type, True, now)
         if created:
-            node.hub.notify_user(auth.user_id, "device_paired", {
+            node.notify(auth.user_id, "device_paired", {
                 "type": "device_paired", "device_id": auth.device_id, "device_name": device.name,
                 "device_type": device.type, "timestamp": now,
             }, exclude_device=auth.device_id)
@@ -353,6 +353,8 @@ class GatewayProtocol(WebSocketServerProtocol):
             now = node.now_ms()
             if node.presence.remove(session.user_id, session.device_id, self.session_id, now):
                 node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
+                node.storage.touch_device(session.user_id, session.device_id, now).addErrback(
+                    lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
             node.cursors.flush()
 
 

@@ -165,7 +165,13 @@ class LocalBus:
 
     def __init__(self, hub: DeliveryHub) -> None:
         self.hub = hub
+        self.control: Any = None  # the node's on_control
         hub.bus = self
+
+    def publish_control(self, message: Dict[str, Any]) -> None:
+        """Deliver a control message to every node (here: this one)."""
+        if self.control is not None:
+            self.control(message)
 
     def publish_event(self, event: StoredEvent) -> None:
         """Announce a committed event to every node (here: this one)."""

@@ -37,3 +37,5 @@ CLOSES = Counter("pocketbridge_closes_total", "Connections closed by the server,
 HTTP_REQUESTS = Counter("pocketbridge_http_requests_total", "HTTP requests", ["route", "status"])
 JOB_RUNS = Counter("pocketbridge_job_runs_total", "Background job runs", ["job", "result"])
 JOB_ROWS = Counter("pocketbridge_job_rows_total", "Rows deleted by background jobs", ["job"])
+REST_AUTH_FAILURES = Counter("pocketbridge_rest_auth_failures_total", "Rejected PB-Ed25519 requests", ["reason"])
+PAIRING = Counter("pocketbridge_pairing_total", "Pairing operations by result", ["op", "result"])

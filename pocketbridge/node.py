@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from . import metrics
+from . import metrics, wire
 from .config import Settings, trusted_proxy_set
 from .hub import DeliveryHub
 from .ratelimit import BucketMap
@@ -170,10 +170,40 @@ class Node:
         self, user_id: str, device_id: str, name: Optional[str], dtype: str, online: bool, now: int
     ) -> None:
         """Tell the user's other devices that a device came online or went offline (§10)."""
-        self.hub.notify_user(user_id, "device_status_changed", {
+        self.notify(user_id, "device_status_changed", {
             "type": "device_status_changed", "user_id": user_id, "device_id": device_id,
             "device_name": name, "device_type": dtype, "is_online": online, "timestamp": now,
         }, exclude_device=device_id)
+
+    # Effects that must reach every node. In the embedded shape the bus is
+    # in-process; the Redis bus carries the same messages on its control channel.
+
+    def broadcast(self, message: Dict[str, Any]) -> None:
+        """Send a control message to every node (this one included)."""
+        self.hub.bus.publish_control(message)
+
+    def on_control(self, message: Dict[str, Any]) -> None:
+        """Apply a control message on this node."""
+        kind = message.get("kind")
+        user = message.get("user_id")
+        if not isinstance(user, str):
+            return
+        if kind == "revoke":
+            device = message.get("device_id")
+            notice = wire.encode("device_revoked", {
+                "type": "device_revoked", "device_id": device, "reason": message.get("reason", "revoked"),
+                "timestamp": message.get("timestamp"),
+            })
+            self.hub.close_device(user, device, 4003, "Device revoked", notice)
+        elif kind == "delete_user":
+            self.hub.close_device(user, None, 4003, "Account deleted", None)
+        elif kind == "notice":
+            self.hub.notify_user(user, message["type"], message["payload"], exclude_device=message.get("exclude_device"))
+
+    def notify(self, user_id: str, msg_type: str, payload: Dict[str, Any], exclude_device: Optional[str] = None) -> None:
+        """A notice to every socket of the user on every node."""
+        self.broadcast({"kind": "notice", "user_id": user_id, "type": msg_type, "payload": payload,
+                        "exclude_device": exclude_device})
 
     def sessions_of(self, user_id: str) -> List[Any]:
         """This node's authenticated sessions of a user."""

@@ -50,7 +50,7 @@ class Options(usage.Options):
     optParameters = [
         [s.name.replace("_", "-"), None, None, s.help + (" (env {})".format(s.env) if s.env else ""), _named(s)]
         for s in config.SETTINGS
-        if s.coerce is not config.flag
+        if s.coerce is not config.flag and s.cli
     ]
 
     def parseOptions(self, options: Optional[list] = None) -> None:
@@ -66,6 +66,8 @@ class Options(usage.Options):
         cli: Dict[str, Any] = {}
         for s in config.SETTINGS:
             key = s.name.replace("_", "-")
+            if not s.cli:
+                continue
             if s.coerce is config.flag:
                 cli[s.name] = True if self.get(key) else None
             else:
@@ -144,7 +146,7 @@ def makeService(options: Options) -> MultiService:
     from .node import Node
     from .storage import open_storage
     from .storage.sync import migrate_now
-    from .web import build_app, build_site
+    from .web import build_app, build_site, metrics_site
     from .writer import EventWriter
 
     settings: Settings = options["settings"]
@@ -171,6 +173,7 @@ def makeService(options: Options) -> MultiService:
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
     )
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id)
+    bus.control = node.on_control
     app = build_app(node, make_factory(node))
     site = build_site(app)
 
@@ -185,6 +188,12 @@ def makeService(options: Options) -> MultiService:
     web = StreamServerEndpointService(endpoint, site)
     web._raiseSynchronously = True
     web.setServiceParent(top)
+    if settings.metrics_listen:
+        try:
+            m_endpoint = serverFromString(reactor, settings.metrics_listen)
+        except (ValueError, TypeError, KeyError) as e:
+            raise _fail("configuration error: --metrics-listen: {}".format(_one_line(e)))
+        StreamServerEndpointService(m_endpoint, metrics_site(node)).setServiceParent(top)
 
     log.info("PocketBridge {version} node {node} listening on {listen}; storage {storage}; server key {pub}",
              version=_version(), node=node_id, listen=settings.listen,

@@ -7,39 +7,41 @@ This module holds the routes every deployment needs (``/ws``, ``/health``,
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Tuple
 
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from . import __version__
-
-
-def _json(request: Any, status: int, body: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+from .api import install_api
+from .api.http import Api, ApiError, LimitedRequest, Raw
 
 
 def build_app(node: Any, ws_factory: Any) -> Klein:
-    """The Klein application serving ``/ws``, ``/health`` and ``/metrics``."""
+    """The Klein application serving ``/ws``, ``/health``, ``/metrics`` and the REST API."""
     app = Klein()
     ws_resource = WebSocketResource(ws_factory)
 
     @app.route("/ws", branch=False)
     def ws(request: Any) -> Any:
         if node.draining:
-            request.setHeader(b"Retry-After", b"5")
-            return _json(request, 503, {"error": "Server draining", "code": "UNAVAILABLE"})
+            api.common_headers(request)
+            e = ApiError(503, "UNAVAILABLE", "Server draining", headers={"Retry-After": "5"})
+            return api.error(request, e, "/ws")
         return ws_resource
 
-    async def health(request: Any) -> bytes:
+    api = install_api(app, node)
+    node.api = api
+    add_health_routes(api, node, metrics_here=not node.settings.metrics_listen)
+    return app
+
+
+def add_health_routes(api: Api, node: Any, metrics_here: bool = True) -> None:
+    """``/health`` (and ``/api/health``) and, unless served elsewhere, ``/metrics``."""
+
+    async def health(request: Any, caller: Any) -> Tuple[int, Any]:
         services = {"database": "ok", "bus": "embedded" if not node.settings.redis else "ok"}
         try:
             d = node.storage.ping()
@@ -49,36 +51,41 @@ def build_app(node: Any, ws_factory: Any) -> Klein:
             services["database"] = "error"
         if node.settings.redis and not node.hub.bus.healthy():
             services["bus"] = "error"
-        status = "ok"
-        code = 200
+        status, code = "ok", 200
         if "error" in services.values():
             status, code = "degraded", 503
         if node.draining:
             status, code = "draining", 503
-        return _json(request, code, {
+        return code, {
             "status": status,
             "version": __version__,
             "node_id": node.node_id,
             "uptime_s": int(node.clock.seconds() - node.started_at),
             "services": services,
-        })
+        }
 
-    @app.route("/health", methods=["GET"])
-    @app.route("/api/health", methods=["GET"])
-    def health_route(request: Any) -> "Deferred[bytes]":
-        return Deferred.fromCoroutine(health(request))
+    api.route("/health", ["GET"], auth="none", rate_limited=False)(health)
+    api.route("/api/health", ["GET"], auth="none", rate_limited=False, name="/health")(health)
+    if metrics_here:
+        api.route("/metrics", ["GET"], auth="none", rate_limited=False)(metrics_route)
 
-    @app.route("/metrics", methods=["GET"])
-    def metrics_route(request: Any) -> bytes:
-        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest()
 
-    return app
+async def metrics_route(request: Any, caller: Any) -> Tuple[int, Any]:
+    """Prometheus text exposition."""
+    return 200, Raw(CONTENT_TYPE_LATEST, generate_latest())
 
 
 def build_site(app: Klein) -> Site:
-    """A Site for the app, with access logs off (the app logs what it must)."""
-    site = Site(app.resource())
+    """A Site for the app with the 64 KiB body limit; no access log (pairing codes are in paths)."""
+    site = Site(app.resource(), requestFactory=LimitedRequest)
     site.noisy = False
-    site.log = lambda request: None  # access logs would expose pairing codes; the API logs its own
+    site.log = lambda request: None
     return site
+
+
+def metrics_site(node: Any) -> Site:
+    """A separate site serving only ``/metrics`` (``--metrics-listen``)."""
+    app = Klein()
+    api = Api(app, node, node.api.auth)
+    api.route("/metrics", ["GET"], auth="none", rate_limited=False)(metrics_route)
+    return build_site(app)

@@ -19,6 +19,9 @@ from twisted.logger import Logger
 
 from ..events import NewEvent, StoredEvent
 from . import migrations
+from .q_account import AccountQueries
+from .q_devices import DevicesQueries
+from .q_pairing import PairingQueries
 
 log = Logger()
 T = TypeVar("T")
@@ -79,7 +82,7 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-class Storage:
+class Storage(DevicesQueries, PairingQueries, AccountQueries):
     """
     Users, devices and events in one SQL database via adbapi.
 
@@ -268,6 +271,11 @@ class Storage:
             (blocker if gave_up else current, blocker, 0 if gave_up else count, now, user_id, device_id),
         )
         return gave_up
+
+    def touch_device(self, user_id: str, device_id: str, now: int) -> "Deferred[None]":
+        """Set ``last_seen`` (when the device's last socket closed)."""
+        return self.run("touch_device", lambda txn: self._execute(
+            txn, "UPDATE devices SET last_seen = ? WHERE user_id = ? AND device_id = ?", (now, user_id, device_id)))
 
     def greatest(self, a: str, b: str) -> str:
         """SQL for the larger of two values."""

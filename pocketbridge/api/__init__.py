@@ -1,0 +1,17 @@
+"""The REST API of API.md, served by Klein beside ``/ws``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import account, admin, devices, pairing
+from .auth import Authenticator, ReplayCache
+from .http import Api
+
+
+def install_api(app: Any, node: Any, replay_cache: Any = None) -> Api:
+    """Register every REST route on the Klein ``app``."""
+    api = Api(app, node, Authenticator(node, replay_cache or ReplayCache()))
+    for module in (devices, pairing, account, admin):
+        module.register(api, node)
+    return api
