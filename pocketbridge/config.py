@@ -132,6 +132,7 @@ SETTINGS: List[Setting] = [
     Setting("data_dir", text, "./pocketbridge-data", "PB_DATA_DIR", "Directory for the SQLite file and the generated server key"),
     Setting("database", database_url, "", "DATABASE_URL", "postgresql:// URL; absent = SQLite in the data dir"),
     Setting("redis", redis_url, "", "REDIS_URL", "redis:// URL for the cluster bus; absent = in-process bus"),
+    Setting("redis_prefix", text, "pb:", "PB_REDIS_PREFIX", "Prefix of every Redis key and channel of this cluster"),
     Setting("legacy_clients", flag, False, "PB_LEGACY_CLIENTS", "Accept X-User-ID REST auth of old web clients (API.md 1.2)"),
     Setting("require_v2", flag, False, "PB_REQUIRE_V2", "Refuse protocol v1 clients"),
     Setting("log_level", log_level, "info", "LOG_LEVEL", "debug, info, warn, error or critical"),

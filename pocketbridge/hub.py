@@ -130,6 +130,32 @@ class DeliveryHub:
         d.addCallback(got)
         return d
 
+    def resync_user(self, user_id: str) -> None:
+        """Route from storage whatever the user committed beyond what this node has routed."""
+        route = self.users.get(user_id)
+        if route is None:
+            return
+
+        async def catch_up() -> None:
+            head = await self.storage.head(user_id)
+            if route.head is None or head <= route.head:
+                return
+            rows = await self.storage.read_range(user_id, route.head, head)
+            for row in rows:
+                if route.head is None or row.seq > route.head:
+                    route.head = row.seq
+                    self._route(route, row, 0.0)
+
+        route.busy += 1
+        route.chain.addCallback(lambda _: Deferred.fromCoroutine(catch_up()))
+        route.chain.addErrback(self._fill_failed, user_id)
+        route.chain.addBoth(self._done, route)
+
+    def resync_all(self) -> None:
+        """Catch every local user up from storage (after a bus outage)."""
+        for user_id in list(self.users):
+            self.resync_user(user_id)
+
     def _fill_failed(self, failure: Any, user_id: str) -> None:
         # Sessions re-read from storage on reconnect; log and keep the chain alive.
         log.warn("gap read failed: {error}", error=failure.getErrorMessage())

@@ -185,6 +185,9 @@ class Node:
     def on_control(self, message: Dict[str, Any]) -> None:
         """Apply a control message on this node."""
         kind = message.get("kind")
+        if kind == "resync":
+            self.hub.resync_all()
+            return
         user = message.get("user_id")
         if not isinstance(user, str):
             return

@@ -166,8 +166,14 @@ def makeService(options: Options) -> MultiService:
     reactor.callWhenRunning(_set_log_level, settings.log_level)
     storage = open_storage(settings)
     hub = DeliveryHub(storage)
-    bus = LocalBus(hub)
     node_id = settings.node_id or "{}:{}".format(socket.gethostname(), os.getpid())
+    bus: Any
+    if settings.redis:
+        from .redisbus import RedisBus
+
+        bus = RedisBus(reactor, settings.redis, hub, storage, node_id, prefix=settings.redis_prefix)
+    else:
+        bus = LocalBus(hub)
     writer = EventWriter(
         storage, reactor, lambda outcome: bus.publish_event(outcome.stored), settings.max_user_bytes,
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
@@ -179,6 +185,8 @@ def makeService(options: Options) -> MultiService:
 
     top = MultiService()
     _Storage(storage).setServiceParent(top)
+    if settings.redis:
+        bus.setServiceParent(top)
     _Loops(node).setServiceParent(top)
     _Gateway(node).setServiceParent(top)
     try:
@@ -197,7 +205,7 @@ def makeService(options: Options) -> MultiService:
 
     log.info("PocketBridge {version} node {node} listening on {listen}; storage {storage}; server key {pub}",
              version=_version(), node=node_id, listen=settings.listen,
-             storage="postgresql" if settings.database else "sqlite", pub=bytes(server_key.verify_key).hex())
+             storage=("postgresql" if settings.database else "sqlite") + (" + redis bus" if settings.redis else ""), pub=bytes(server_key.verify_key).hex())
     if not settings.legacy_clients:
         log.info("legacy REST auth (X-User-ID) is off; enable with --legacy-clients for old web clients")
     else:

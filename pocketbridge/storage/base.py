@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from ..events import NewEvent, StoredEvent
 from . import migrations
 from .q_account import AccountQueries
+from .q_admin import AdminQueries
 from .q_devices import DevicesQueries
 from .q_pairing import PairingQueries
 
@@ -82,7 +83,7 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-class Storage(DevicesQueries, PairingQueries, AccountQueries):
+class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries):
     """
     Users, devices and events in one SQL database via adbapi.
 
@@ -149,7 +150,11 @@ class Storage(DevicesQueries, PairingQueries, AccountQueries):
             self.pool.close()
             self.pool = None
 
+    def _lock_migrations(self, txn: Any) -> None:
+        """Serialise concurrent migrators (several nodes starting at once)."""
+
     def _txn_migrate(self, txn: Any) -> int:
+        self._lock_migrations(txn)
         files = migrations.available(self.dialect)
         have = migrations.current_version(txn)
         if have > len(files):

@@ -9,6 +9,9 @@ from twisted.enterprise import adbapi
 from .base import Storage
 
 
+MIGRATION_LOCK = 0x70625F6D6967  # "pb_mig"
+
+
 def _setup(conn: Any) -> None:
     with conn.cursor() as cur:
         cur.execute("SET synchronous_commit = on")
@@ -38,6 +41,11 @@ class PostgresStorage(Storage):
             cp_noisy=False,
             connect_timeout=5,
         )
+
+    def _lock_migrations(self, txn: Any) -> None:
+        # A transaction-scoped advisory lock: the second node waits, then finds
+        # the schema current.
+        txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
