@@ -195,12 +195,19 @@ class GatewayProtocol(WebSocketServerProtocol):
             self._handshake_failed(4003, "Device revoked", "revoked")
             return
         presence = node.presence
-        if presence.device_count(auth.user_id, auth.device_id) >= s.sockets_per_device:
+        try:
+            device_sockets, user_sockets = await presence.counts(auth.user_id, auth.device_id)
+        except Exception as e:  # presence store down: admit (limits are best effort)
+            log.warn("presence unavailable, socket limits not checked: {error}", error=str(e))
+            device_sockets = user_sockets = 0
+        if self.gone:
+            return
+        if device_sockets >= s.sockets_per_device:
             metrics.LIMIT_HITS.labels(limit="sockets_per_device").inc()
             metrics.HANDSHAKES.labels(result="limited").inc()
             self.close(4029, "Too many sockets for this device; retry after 30 s")
             return
-        if presence.user_count(auth.user_id) >= s.sockets_per_user:
+        if user_sockets >= s.sockets_per_user:
             metrics.LIMIT_HITS.labels(limit="sockets_per_user").inc()
             metrics.HANDSHAKES.labels(result="limited").inc()
             self.close(4029, "Too many sockets for this user; retry after 30 s")
@@ -224,7 +231,13 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.authenticating = False
         for msg_type, fields in queued:
             session.on_frame(msg_type, fields)
-        online = presence.add(auth.user_id, auth.device_id, self.session_id, now)
+        try:
+            online = await presence.add(auth.user_id, auth.device_id, self.session_id, now)
+        except Exception as e:
+            log.warn("presence unavailable: {error}", error=str(e))
+            online = False
+        if self.gone:
+            return
         head = await storage.head(auth.user_id)
         if self.gone:
             return
@@ -350,12 +363,19 @@ class GatewayProtocol(WebSocketServerProtocol):
             metrics.CONNECTIONS.labels(state="authenticated").dec()
             session.lost()
             node.hub.detach(session)
-            now = node.now_ms()
-            if node.presence.remove(session.user_id, session.device_id, self.session_id, now):
-                node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
-                node.storage.touch_device(session.user_id, session.device_id, now).addErrback(
-                    lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
             node.cursors.flush()
+            d = node.presence.remove(session.user_id, session.device_id, self.session_id)
+            d.addCallback(self._removed, session)
+            d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
+
+    def _removed(self, offline: bool, session: Session) -> None:
+        if not offline:
+            return
+        node = self.node
+        now = node.now_ms()
+        node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
+        node.storage.touch_device(session.user_id, session.device_id, now).addErrback(
+            lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
 
 
 class _Conn:

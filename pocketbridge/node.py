@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from . import metrics, wire
 from .config import Settings, trusted_proxy_set
 from .hub import DeliveryHub
+from .presence import LocalPresence
 from .ratelimit import BucketMap
 from .storage import Storage
 from .writer import EventWriter
@@ -72,55 +73,6 @@ class CursorBook:
         return d
 
 
-class LocalPresence:
-    """
-    Which sockets are authenticated on this node (the presence store of the
-    embedded shape). Tracks per device the socket ids and their auth times.
-    """
-
-    def __init__(self) -> None:
-        self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
-        self.user_sockets: Dict[str, int] = {}
-        self.last_seen: Dict[Tuple[str, str], int] = {}
-
-    def device_count(self, user_id: str, device_id: str) -> int:
-        """Live sockets of the device."""
-        return len(self.devices.get((user_id, device_id), ()))
-
-    def user_count(self, user_id: str) -> int:
-        """Live sockets of the user."""
-        return self.user_sockets.get(user_id, 0)
-
-    def add(self, user_id: str, device_id: str, socket_id: str, now_ms: int) -> bool:
-        """Record a socket; True when the device just came online."""
-        sockets = self.devices.setdefault((user_id, device_id), {})
-        sockets[socket_id] = now_ms
-        self.user_sockets[user_id] = self.user_sockets.get(user_id, 0) + 1
-        return len(sockets) == 1
-
-    def remove(self, user_id: str, device_id: str, socket_id: str, now_ms: int) -> bool:
-        """Forget a socket; True when the device just went offline."""
-        key = (user_id, device_id)
-        sockets = self.devices.get(key)
-        if not sockets or socket_id not in sockets:
-            return False
-        del sockets[socket_id]
-        n = self.user_sockets.get(user_id, 1) - 1
-        if n:
-            self.user_sockets[user_id] = n
-        else:
-            self.user_sockets.pop(user_id, None)
-        if not sockets:
-            del self.devices[key]
-            self.last_seen[key] = now_ms
-            return True
-        return False
-
-    def sockets(self, user_id: str, device_id: str) -> Dict[str, int]:
-        """socket id → authentication time (ms) of the device's live sockets."""
-        return dict(self.devices.get((user_id, device_id), {}))
-
-
 class Node:
     """Everything a gateway connection needs from its node."""
 
@@ -134,6 +86,7 @@ class Node:
         server_key: Any,
         node_id: str,
         rng: Optional[random.Random] = None,
+        presence: Any = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -144,7 +97,7 @@ class Node:
         self.node_id = node_id
         self.rng = rng or random.SystemRandom()
         self.cursors = CursorBook(storage, clock, settings.cursor_flush_interval, self.now_ms)
-        self.presence = LocalPresence()
+        self.presence = presence if presence is not None else LocalPresence()
         now = clock.seconds
         s = settings
         self.device_events: BucketMap[Tuple[str, str]] = BucketMap(s.events_per_device_rate, s.events_per_device_burst, now)

@@ -90,16 +90,23 @@ class _Loops(Service):
         self.node = node
         self.sweep = LoopingCall(node.sweep)
         self.sweep.clock = node.clock
+        self.refresh = LoopingCall(self._refresh)
+        self.refresh.clock = node.clock
+
+    def _refresh(self) -> None:
+        self.node.presence.refresh().addErrback(lambda f: log.warn("presence refresh failed: {e}", e=f.getErrorMessage()))
 
     def startService(self) -> None:
         super().startService()
         self.node.cursors.start()
         self.sweep.start(60, now=False)
+        self.refresh.start(20, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
-        if self.sweep.running:
-            self.sweep.stop()
+        for loop in (self.sweep, self.refresh):
+            if loop.running:
+                loop.stop()
         return self.node.cursors.stop()
 
 
@@ -178,7 +185,12 @@ def makeService(options: Options) -> MultiService:
         storage, reactor, lambda outcome: bus.publish_event(outcome.stored), settings.max_user_bytes,
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
     )
-    node = Node(settings, storage, writer, hub, reactor, server_key, node_id)
+    presence: Any = None
+    if settings.redis:
+        from .presence import RedisPresence
+
+        presence = RedisPresence(bus, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix)
+    node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence)
     bus.control = node.on_control
     app = build_app(node, make_factory(node))
     site = build_site(app)

@@ -1,0 +1,231 @@
+"""
+Presence: which devices have authenticated sockets, on any node (PROTOCOL.md §10).
+
+``LocalPresence`` is the embedded shape (one process). ``RedisPresence`` keeps
+one hash per user in Redis with a field per socket
+(``device|node|socket`` → ``auth_ms|expires_ms``); each node refreshes its own
+entries every 20 s with a 60 s lifetime, so a crashed node's sockets stop
+counting within a minute and the sweep job announces those devices offline.
+Both offer the same Deferred-returning interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+
+SocketMap = Dict[str, Dict[str, int]]  # device_id → {socket_key: auth_ms}
+
+
+class LocalPresence:
+    """Presence of this process's sockets only."""
+
+    def __init__(self) -> None:
+        self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
+        self.last_seen: Dict[Tuple[str, str], int] = {}  # TRANSITIONAL: devices.py moves to user_sockets
+
+    def sockets(self, user_id: str, device_id: str) -> Dict[str, int]:
+        """TRANSITIONAL sync view of one device's sockets (embedded only)."""
+        return dict(self.devices.get((user_id, device_id), {}))
+
+    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
+        """(live sockets of the device, live sockets of the user)."""
+        dev = len(self.devices.get((user_id, device_id), ()))
+        usr = sum(len(v) for (u, _), v in self.devices.items() if u == user_id)
+        return succeed((dev, usr))
+
+    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
+        """Record a socket; True when the device just came online."""
+        sockets = self.devices.setdefault((user_id, device_id), {})
+        sockets[socket_id] = auth_ms
+        return succeed(len(sockets) == 1)
+
+    def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]":
+        """Forget a socket; True when the device just went offline."""
+        key = (user_id, device_id)
+        sockets = self.devices.get(key)
+        if not sockets or socket_id not in sockets:
+            return succeed(False)
+        del sockets[socket_id]
+        if not sockets:
+            del self.devices[key]
+            return succeed(True)
+        return succeed(False)
+
+    def user_sockets(self, user_id: str) -> "Deferred[SocketMap]":
+        """device_id → {socket: auth_ms} for the user's live sockets."""
+        return succeed({d: dict(s) for (u, d), s in self.devices.items() if u == user_id})
+
+    def node_summary(self) -> Tuple[int, int]:
+        """(sockets, devices online) on this node."""
+        return sum(len(s) for s in self.devices.values()), len(self.devices)
+
+    def refresh(self) -> "Deferred[None]":
+        """Nothing expires in-process."""
+        return succeed(None)
+
+    def sweep(self, now_ms: int) -> "Deferred[List[Tuple[str, str]]]":
+        """Nothing expires in-process."""
+        return succeed([])
+
+
+# Lua: the live counts of a user's hash, for one device prefix.
+_COUNT = """
+local all = redis.call('HGETALL', KEYS[1])
+local dev, usr = 0, 0
+local now = tonumber(ARGV[1])
+for i = 1, #all, 2 do
+  local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
+  if exp and exp > now then
+    usr = usr + 1
+    if string.sub(all[i], 1, #ARGV[2]) == ARGV[2] then dev = dev + 1 end
+  end
+end
+return {dev, usr}
+"""
+
+# Lua: add or remove one socket field, then count the device's live sockets.
+_CHANGE = """
+if ARGV[1] == 'add' then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('SADD', KEYS[2], ARGV[7])
+else
+  if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return -1 end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local dev = 0
+local now = tonumber(ARGV[4])
+for i = 1, #all, 2 do
+  local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
+  if exp and exp > now and string.sub(all[i], 1, #ARGV[5]) == ARGV[5] then dev = dev + 1 end
+end
+return dev
+"""
+
+# Lua: drop expired fields of one user; return the devices that have no live socket left.
+_SWEEP = """
+local all = redis.call('HGETALL', KEYS[1])
+local now = tonumber(ARGV[1])
+local live, dead = {}, {}
+for i = 1, #all, 2 do
+  local device = string.match(all[i], '^([^|]+)|')
+  local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
+  if exp and exp > now then live[device] = true
+  else redis.call('HDEL', KEYS[1], all[i]); dead[device] = true end
+end
+local out = {}
+for device, _ in pairs(dead) do if not live[device] then table.insert(out, device) end end
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[2]) end
+return out
+"""
+
+
+class RedisPresence:
+    """Presence shared by every node through Redis (commands go over the bus's publisher connection)."""
+
+    ttl_ms = 60_000
+
+    def __init__(self, bus: Any, node_id: str, now_ms: Any, prefix: str) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self.now_ms = now_ms
+        self.prefix = prefix
+        self.users_key = prefix + "presence:users"
+        self.local: Dict[Tuple[str, str, str], int] = {}  # (user, device, socket) → auth_ms
+
+    def _key(self, user_id: str) -> str:
+        return self.prefix + "presence:" + user_id
+
+    def _field(self, device_id: str, socket_id: str) -> str:
+        return "{}|{}|{}".format(device_id, self.node_id, socket_id)
+
+    def _conn(self) -> Any:
+        conn = self.bus.pub
+        if conn is None:
+            raise ConnectionError("redis unavailable")
+        return conn
+
+    async def _eval(self, script: str, keys: List[str], args: List[Any]) -> Any:
+        return await self._conn().eval(script, keys, [str(a) for a in args])
+
+    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
+        async def run() -> Tuple[int, int]:
+            dev, usr = await self._eval(_COUNT, [self._key(user_id)], [self.now_ms(), device_id + "|"])
+            return int(dev), int(usr)
+
+        return Deferred.fromCoroutine(run())
+
+    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
+        self.local[(user_id, device_id, socket_id)] = auth_ms
+
+        async def run() -> bool:
+            now = self.now_ms()
+            n = await self._eval(_CHANGE, [self._key(user_id), self.users_key], [
+                "add", self._field(device_id, socket_id), "{}|{}".format(auth_ms, now + self.ttl_ms),
+                now, device_id + "|", self.ttl_ms, user_id,
+            ])
+            return int(n) == 1
+
+        return Deferred.fromCoroutine(run())
+
+    def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]":
+        self.local.pop((user_id, device_id, socket_id), None)
+
+        async def run() -> bool:
+            n = await self._eval(_CHANGE, [self._key(user_id), self.users_key], [
+                "remove", self._field(device_id, socket_id), "", self.now_ms(), device_id + "|", self.ttl_ms, user_id,
+            ])
+            return int(n) == 0
+
+        return Deferred.fromCoroutine(run())
+
+    def user_sockets(self, user_id: str) -> "Deferred[SocketMap]":
+        async def run() -> SocketMap:
+            raw = await self._conn().hgetall(self._key(user_id))
+            now = self.now_ms()
+            out: SocketMap = {}
+            for field, value in (raw or {}).items():
+                f = field.decode() if isinstance(field, bytes) else field
+                v = value.decode() if isinstance(value, bytes) else value
+                auth, _, exp = v.partition("|")
+                if int(exp) > now:
+                    device, node, sock = f.split("|", 2)
+                    out.setdefault(device, {})[node + "|" + sock] = int(auth)
+            return out
+
+        return Deferred.fromCoroutine(run())
+
+    def node_summary(self) -> Tuple[int, int]:
+        """(sockets, devices online) on this node."""
+        return len(self.local), len({(u, d) for u, d, _ in self.local})
+
+    def refresh(self) -> "Deferred[None]":
+        """Renew this node's entries (every 20 s)."""
+
+        async def run() -> None:
+            conn = self._conn()
+            exp = self.now_ms() + self.ttl_ms
+            for (user, device, sock), auth in list(self.local.items()):
+                await conn.hset(self._key(user), self._field(device, sock), "{}|{}".format(auth, exp))
+                await conn.pexpire(self._key(user), self.ttl_ms)
+                await conn.sadd(self.users_key, user)
+
+        return Deferred.fromCoroutine(run())
+
+    def sweep(self, now_ms: int) -> "Deferred[List[Tuple[str, str]]]":
+        """Remove expired entries of every user; the (user, device) pairs that went offline."""
+
+        async def run() -> List[Tuple[str, str]]:
+            conn = self._conn()
+            users = await conn.smembers(self.users_key)
+            gone: List[Tuple[str, str]] = []
+            for u in users or []:
+                user = u.decode() if isinstance(u, bytes) else u
+                devices = await self._eval(_SWEEP, [self._key(user), self.users_key], [now_ms, user])
+                for d in devices or []:
+                    gone.append((user, d.decode() if isinstance(d, bytes) else d))
+            return gone
+
+        return Deferred.fromCoroutine(run())
