@@ -84,6 +84,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.paused_since: Optional[float] = None
         self.paused_total = 0.0
         self.stall_mark: Optional[int] = None
+        self.failure_wait = 0.0
         self.session_id = uuid.uuid4().hex
 
     # -------------------------------------------------------------- connection
@@ -95,10 +96,22 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.ip = client_ip(self.transport.getPeer().host, forwarded, node.trusted_proxies)
         if node.draining:
             raise ConnectionDeny(503, "Server draining")
-        if node.ip_connections.get(self.ip).try_take(1) > 0:
+        return Deferred.fromCoroutine(self._admit())
+
+    async def _admit(self) -> None:
+        """The per-IP limits, shared by all nodes; runs before the upgrade is answered."""
+        s = self.node.settings
+        limits = self.node.limits
+        if await limits.take("conn_ip", self.ip, s.conn_per_ip_rate, s.conn_per_ip_burst) > 0:
             metrics.LIMIT_HITS.labels(limit="connections_per_ip").inc()
             raise ConnectionDeny(429, "Too many connections")
+        # Checked now, acted on right after the upgrade (a 4029 close, §12).
+        self.failure_wait = await limits.peek("hs_fail", self.ip, *self._failure_budget())
         return None
+
+    def _failure_budget(self) -> Tuple[float, float]:
+        n = self.node.settings.handshake_failures_per_ip
+        return n / 60.0, float(n)
 
     def onOpen(self) -> None:
         node = self.node
@@ -111,7 +124,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         s = node.settings
         self.maxMessagePayloadSize = s.max_preauth_message_bytes
         self.maxFramePayloadSize = s.max_preauth_message_bytes
-        wait = node.ip_failures.get(self.ip).wait_for(1)
+        wait = self.failure_wait
         if wait > 0:
             metrics.LIMIT_HITS.labels(limit="handshake_failures_per_ip").inc()
             self.close(4029, "Too many failed handshakes; retry after {} s".format(max(1, int(wait + 0.999))))
@@ -125,7 +138,8 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     def _handshake_failed(self, code: int, reason: str, result: str) -> None:
         metrics.HANDSHAKES.labels(result=result).inc()
-        self.node.ip_failures.get(self.ip).take(1)
+        self.node.limits.charge("hs_fail", self.ip, *self._failure_budget()).addErrback(
+            lambda f: log.warn("could not count a handshake failure: {e}", e=f.getErrorMessage()))
         self.close(code, reason)
 
     def close(self, code: int, reason: str) -> None:

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from . import metrics, wire
 from .config import Settings, trusted_proxy_set
 from .hub import DeliveryHub
+from .limits import LocalLimits
 from .presence import LocalPresence
 from .ratelimit import BucketMap
 from .storage import Storage
@@ -87,6 +88,7 @@ class Node:
         node_id: str,
         rng: Optional[random.Random] = None,
         presence: Any = None,
+        limits: Any = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -103,8 +105,9 @@ class Node:
         self.device_events: BucketMap[Tuple[str, str]] = BucketMap(s.events_per_device_rate, s.events_per_device_burst, now)
         self.user_events: BucketMap[str] = BucketMap(s.events_per_user_rate, s.events_per_user_burst, now)
         self.user_bytes: BucketMap[str] = BucketMap(s.bytes_per_user_rate, s.bytes_per_user_burst, now)
-        self.ip_connections: BucketMap[str] = BucketMap(s.conn_per_ip_rate, s.conn_per_ip_burst, now)
-        self.ip_failures: BucketMap[str] = BucketMap(s.handshake_failures_per_ip / 60.0, s.handshake_failures_per_ip, now)
+        # Limits every node shares (Redis in a cluster): connections and handshake
+        # failures per IP, the REST budget, pairing failures, the replay cache.
+        self.limits: Any = limits if limits is not None else LocalLimits(now)
         self.trusted_proxies = trusted_proxy_set(settings)
         self.connections: Set[Any] = set()
         self.draining = False
@@ -116,7 +119,7 @@ class Node:
 
     def sweep(self) -> None:
         """Drop idle rate-limit state (called periodically)."""
-        for m in (self.device_events, self.user_events, self.user_bytes, self.ip_connections, self.ip_failures):
+        for m in (self.device_events, self.user_events, self.user_bytes, self.limits):
             m.sweep()
 
     def announce_presence(

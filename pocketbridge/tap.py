@@ -186,11 +186,14 @@ def makeService(options: Options) -> MultiService:
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
     )
     presence: Any = None
+    limits: Any = None
     if settings.redis:
+        from .limits import RedisLimits
         from .presence import RedisPresence
 
         presence = RedisPresence(bus, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix)
-    node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence)
+        limits = RedisLimits(bus, settings.redis_prefix, reactor.seconds)
+    node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)
     bus.control = node.on_control
     app = build_app(node, make_factory(node))
     site = build_site(app)

@@ -61,36 +61,12 @@ def parse_authorization(value: str) -> Optional[Dict[str, str]]:
     return params
 
 
-class ReplayCache:
-    """Signatures already accepted, kept until their ``ts`` + window (in-memory shape)."""
-
-    def __init__(self) -> None:
-        self.seen: Dict[str, int] = {}
-
-    async def insert_if_absent(self, key: str, expires_at_ms: int, now_ms: int) -> bool:
-        """True when ``key`` was not there (and is now)."""
-        if len(self.seen) > 10000:
-            self.sweep(now_ms)
-        exp = self.seen.get(key)
-        if exp is not None and exp > now_ms:
-            return False
-        self.seen[key] = expires_at_ms
-        return True
-
-    def sweep(self, now_ms: int) -> int:
-        """Forget expired entries; returns how many."""
-        old = [k for k, exp in self.seen.items() if exp <= now_ms]
-        for k in old:
-            del self.seen[k]
-        return len(old)
-
-
 class Authenticator:
     """Decides who a request is from, by the route's auth mode."""
 
-    def __init__(self, node: Any, replay_cache: Any) -> None:
+    def __init__(self, node: Any) -> None:
         self.node = node
-        self.replay = replay_cache
+        self.replay = node.limits  # the replay cache: shared by all nodes in a cluster
 
     async def authenticate(self, request: Any, mode: str) -> Caller:
         """The caller, or ApiError 401/403/404 by API.md §1."""

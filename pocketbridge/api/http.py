@@ -18,7 +18,6 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .. import metrics, wire
-from ..ratelimit import BucketMap
 
 log = Logger()
 
@@ -121,7 +120,6 @@ class Api:
         self.auth = auth
         s = node.settings
         self.cors_origins = tuple(o.strip() for o in (s.cors_origin or "").split(",") if o.strip())
-        self.ip_budget: BucketMap[str] = BucketMap(s.rest_requests_per_minute / 60.0, s.rest_requests_per_minute, node.clock.seconds)
         app.handle_errors(NotFound)(self._not_found)
         app.handle_errors(MethodNotAllowed)(self._not_allowed)
 
@@ -248,7 +246,8 @@ class Api:
         started = time.perf_counter()
         try:
             if rate_limited:
-                wait = self.ip_budget.get(self.client_ip(request)).try_take(1)
+                per_min = self.node.settings.rest_requests_per_minute
+                wait = await self.node.limits.take("rest_ip", self.client_ip(request), per_min / 60.0, per_min)
                 if wait > 0:
                     metrics.LIMIT_HITS.labels(limit="rest_per_ip").inc()
                     raise ApiError(429, "RATE_LIMITED", "Too many requests",
