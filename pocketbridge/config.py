@@ -185,6 +185,8 @@ SETTINGS: List[Setting] = [
     Setting("pairing_ttl", positive_float, 600.0, "PB_PAIRING_TTL", "Seconds a v1 pairing code lives"),
     Setting("auth_window", positive_float, 300.0, "PB_AUTH_WINDOW", "Seconds a signed request's ts may differ from now"),
     Setting("drain_window", positive_float, 30.0, "PB_DRAIN_WINDOW", "Seconds over which a drain closes sockets"),
+    Setting("jobs_interval", positive_float, 60.0, "PB_JOBS_INTERVAL", "Seconds between background job runs"),
+    Setting("job_batch", positive_int, 1000, "PB_JOB_BATCH", "Rows a job deletes per transaction"),
     Setting("metrics_listen", text, "", "PB_METRICS_LISTEN", "Separate endpoint for /metrics (empty: on the main port)"),
     Setting("admin_api_key", text, "", "ADMIN_API_KEY", "Admin bearer key, at least 32 characters (environment only)", cli=False),
 ]

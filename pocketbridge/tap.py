@@ -211,6 +211,9 @@ def makeService(options: Options) -> MultiService:
     web = StreamServerEndpointService(endpoint, site)
     web._raiseSynchronously = True
     web.setServiceParent(top)
+    from .jobs import Jobs
+
+    Jobs(node, settings.jobs_interval, settings.job_batch).setServiceParent(top)
     if settings.metrics_listen:
         try:
             m_endpoint = serverFromString(reactor, settings.metrics_listen)

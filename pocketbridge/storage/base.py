@@ -22,6 +22,7 @@ from . import migrations
 from .q_account import AccountQueries
 from .q_admin import AdminQueries
 from .q_devices import DevicesQueries
+from .q_jobs import JobQueries
 from .q_pairing import PairingQueries
 
 log = Logger()
@@ -83,7 +84,7 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries):
+class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries, JobQueries):
     """
     Users, devices and events in one SQL database via adbapi.
 

@@ -8,6 +8,8 @@ and recorded in ``schema_version``; a database newer than the code is refused.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 from importlib import resources
 from typing import Any, List, Tuple
@@ -22,7 +24,7 @@ class SchemaTooNew(Exception):
 def available(dialect: str) -> List[Tuple[int, str, str]]:
     """(version, name, sql) for every migration of ``dialect``, in order."""
     out = []
-    for entry in resources.files("pocketbridge.schema").joinpath(dialect).iterdir():
+    for entry in _schema_dir(dialect).iterdir():
         m = FILE_RE.match(entry.name)
         if m:
             out.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))
@@ -38,6 +40,16 @@ def statements(sql: str) -> List[str]:
     lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
     parts = re.split(r";\s*$", "\n".join(lines), flags=re.MULTILINE)
     return [p.strip() for p in parts if p.strip()]
+
+
+def _schema_dir(dialect: str) -> Any:
+    """The folder of a dialect's SQL files: the installed ``pocketbridge.schema``
+    package, or ``schema/`` beside the package when running from a checkout."""
+    try:
+        return resources.files("pocketbridge.schema").joinpath(dialect)
+    except ModuleNotFoundError:
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return pathlib.Path(here, "schema", dialect)
 
 
 def current_version(txn: Any) -> int:

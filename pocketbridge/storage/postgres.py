@@ -10,6 +10,7 @@ from .base import Storage
 
 
 MIGRATION_LOCK = 0x70625F6D6967  # "pb_mig"
+JOB_LOCK_CLASS = 0x70626A  # "pbj"
 
 
 def _setup(conn: Any) -> None:
@@ -46,6 +47,11 @@ class PostgresStorage(Storage):
         # A transaction-scoped advisory lock: the second node waits, then finds
         # the schema current.
         txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+
+    def _try_job_lock(self, txn: Any, job: str) -> bool:
+        # Transaction-scoped: released at commit, so each batch is one lock hold.
+        txn.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (JOB_LOCK_CLASS, job))
+        return bool(txn.fetchone()[0])
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
