@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlparse
 
@@ -24,10 +24,10 @@ class ConfigError(Exception):
 
 
 def _int(value: str) -> int:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError("must be an integer") from None
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError("must be an integer")
+    return int(text)
 
 
 def _float(value: str) -> float:

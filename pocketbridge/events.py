@@ -14,11 +14,12 @@ from typing import Any, Dict, Optional
 
 from .wire import HEX64_RE, is_uuid
 
-STREAM_RE = re.compile(r"^[A-Za-z0-9:_-]{1,256}$")
-TYPE_RE = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
-B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+STREAM_RE = re.compile(r"^[A-Za-z0-9:_-]{1,256}\Z")
+TYPE_RE = re.compile(r"^[A-Za-z0-9:_-]{1,64}\Z")
+B64_RE = re.compile(r"^[A-Za-z0-9+/]+={0,2}\Z")
 MAX_DEVICE_SEQ = 2**53 - 1
 TTL_GRACE_MS = 300_000
+MAX_STORED_INT = 2**63 - 1  # BIGINT / SQLite INTEGER
 
 
 class Verdict(enum.Enum):
@@ -77,7 +78,7 @@ def check_event(
     payload = fields.get("encrypted_payload")
     size = len(payload) if isinstance(payload, str) else 0
     raw_event_id = fields.get("event_id")
-    event_id = raw_event_id if isinstance(raw_event_id, str) else None
+    event_id = raw_event_id.lower() if isinstance(raw_event_id, str) else None
 
     # 1. ownership
     user = fields.get("user_id")
@@ -114,7 +115,7 @@ def check_event(
         return invalid("encrypted_payload is not padded base64")
     ttl = fields.get("ttl")
     if ttl is not None:
-        if type(ttl) is not int:
+        if type(ttl) is not int or not -MAX_STORED_INT <= ttl <= MAX_STORED_INT:
             return invalid("ttl must be an integer")
         # 4. freshness
         if ttl < now_ms - TTL_GRACE_MS:

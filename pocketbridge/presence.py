@@ -11,7 +11,7 @@ Both offer the same Deferred-returning interface.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 

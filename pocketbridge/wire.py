@@ -13,10 +13,10 @@ from typing import Any, Dict, Optional, Tuple
 import orjson
 
 MAX_DEPTH = 64
-UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
-HEX64_RE = re.compile(r"^[0-9A-Fa-f]{64}$")
-HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}$")
-HEX130_RE = re.compile(r"^[0-9A-Fa-f]{130}$")
+UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\Z")
+HEX64_RE = re.compile(r"^[0-9A-Fa-f]{64}\Z")
+HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}\Z")
+HEX130_RE = re.compile(r"^[0-9A-Fa-f]{130}\Z")
 
 
 class ProtocolError(Exception):
@@ -34,15 +34,19 @@ class Malformed(ValueError):
 
 def _depth_ok(value: Any) -> bool:
     # Iterative walk: a recursive one could itself hit Python's limit.
+    # Depth counts containers: [[1]] is 2 deep.
     stack = [(value, 1)]
     while stack:
         v, d = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
         if d > MAX_DEPTH:
             return False
-        if isinstance(v, dict):
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, d + 1) for x in v)
+        stack.extend((x, d + 1) for x in children if isinstance(x, (dict, list)))
     return True
 
 

@@ -16,9 +16,9 @@ from ..wire import HEX64_RE, is_uuid
 from .http import ApiError
 
 SIG_PREFIX = b"pocketbridge/2 rest"
-PARAM_RE = re.compile(r"^\s*([a-z]+)=([^,\s]*)\s*$")
-TS_RE = re.compile(r"^[0-9]{1,16}$")
-HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}$")
+PARAM_RE = re.compile(r"^\s*([a-z]+)=([^,\s]*)\s*\Z")
+TS_RE = re.compile(r"^[0-9]{1,16}\Z")
+HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}\Z")
 
 
 @dataclass(frozen=True)

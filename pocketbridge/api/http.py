@@ -22,7 +22,7 @@ from .. import metrics, wire
 log = Logger()
 
 MAX_BODY = 64 * 1024
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 CORS_METHODS = b"GET, POST, PUT, DELETE"
 CORS_HEADERS = b"Authorization, Content-Type, X-User-ID, X-Device-ID, X-Request-ID"
 PAIRING_PATH_RE = re.compile(r"^(/api(?:/v1)?/pairing/(?:lookup|v2))/[^/?]+")

@@ -31,7 +31,8 @@ T = TypeVar("T")
 EVENT_COLUMNS = (
     "user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq, type, encrypted_payload, ttl, created_at"
 )
-# Bytes a relayed event adds around its payload when serialized (ids, numbers, keys).
+# Bytes a relayed event adds around its payload, stream_id and type when
+# serialized: keys, ids (user 64, event and device 36 each), five integers.
 RELAY_OVERHEAD = 400
 
 
@@ -127,7 +128,7 @@ class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries, JobQ
         d = self.pool.runInteraction(interaction)
 
         def failed(f: Any) -> Any:
-            if f.check(StorageUnavailable):
+            if f.check(StorageUnavailable, migrations.SchemaTooNew):
                 return f
             log.warn("storage {description} failed: {error}", description=description, error=f.getErrorMessage())
             raise StorageUnavailable(description)
@@ -332,7 +333,9 @@ class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries, JobQ
             where += " AND device_id <> ?"
             params.append(exclude)
         # Sizes first, so a page of large events never loads more than it sends.
-        self._execute(txn, "SELECT seq, payload_size FROM events WHERE " + where + " ORDER BY seq LIMIT ?", params + [limit + 1])
+        self._execute(
+            txn, "SELECT seq, payload_size + LENGTH(stream_id) + LENGTH(type) FROM events WHERE " + where
+            + " ORDER BY seq LIMIT ?", params + [limit + 1])
         sizes = txn.fetchall()
         if not sizes:
             return [], False
