@@ -10,7 +10,6 @@ adbapi threads, so these are ``twisted.trial.unittest.TestCase`` (async).
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 from typing import Any, List, Optional
 
