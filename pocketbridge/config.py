@@ -185,6 +185,7 @@ SETTINGS: List[Setting] = [
     Setting("pairing_ttl", positive_float, 600.0, "PB_PAIRING_TTL", "Seconds a v1 pairing code lives"),
     Setting("auth_window", positive_float, 300.0, "PB_AUTH_WINDOW", "Seconds a signed request's ts may differ from now"),
     Setting("drain_window", positive_float, 30.0, "PB_DRAIN_WINDOW", "Seconds over which a drain closes sockets"),
+    Setting("presence_ttl", positive_float, 60.0, "PB_PRESENCE_TTL", "Seconds a node's presence entry lives without refresh (refreshed every third of it)"),
     Setting("jobs_interval", positive_float, 60.0, "PB_JOBS_INTERVAL", "Seconds between background job runs"),
     Setting("job_batch", positive_int, 1000, "PB_JOB_BATCH", "Rows a job deletes per transaction"),
     Setting("metrics_listen", text, "", "PB_METRICS_LISTEN", "Separate endpoint for /metrics (empty: on the main port)"),

@@ -125,9 +125,8 @@ return out
 class RedisPresence:
     """Presence shared by every node through Redis (commands go over the bus's publisher connection)."""
 
-    ttl_ms = 60_000
-
-    def __init__(self, bus: Any, node_id: str, now_ms: Any, prefix: str) -> None:
+    def __init__(self, bus: Any, node_id: str, now_ms: Any, prefix: str, ttl_s: float = 60.0) -> None:
+        self.ttl_ms = int(ttl_s * 1000)
         self.bus = bus
         self.node_id = node_id
         self.now_ms = now_ms

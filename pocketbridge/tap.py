@@ -100,7 +100,7 @@ class _Loops(Service):
         super().startService()
         self.node.cursors.start()
         self.sweep.start(60, now=False)
-        self.refresh.start(20, now=False)
+        self.refresh.start(self.node.settings.presence_ttl / 3.0, now=False)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -191,7 +191,8 @@ def makeService(options: Options) -> MultiService:
         from .limits import RedisLimits
         from .presence import RedisPresence
 
-        presence = RedisPresence(bus, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix)
+        presence = RedisPresence(bus, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix,
+                                 settings.presence_ttl)
         limits = RedisLimits(bus, settings.redis_prefix, reactor.seconds)
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)
     bus.control = node.on_control
