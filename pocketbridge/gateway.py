@@ -18,9 +18,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-from . import metrics, wire
+from . import crypto, metrics, wire
 from .handshake import AuthRequest, ServerHandshake
 from .session import Session
+from .session_v2 import V2Session
 from .storage import StorageUnavailable
 from .wire import Malformed, ProtocolError
 
@@ -85,6 +86,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.paused_total = 0.0
         self.stall_mark: Optional[int] = None
         self.failure_wait = 0.0
+        self.cipher_in: Optional[crypto.FrameCipher] = None
+        self.cipher_out: Optional[crypto.FrameCipher] = None
         self.session_id = uuid.uuid4().hex
 
     # -------------------------------------------------------------- connection
@@ -161,6 +164,10 @@ class GatewayProtocol(WebSocketServerProtocol):
         # Never async: Autobahn would discard the coroutine.
         if self.gone:
             return
+        if self.cipher_in is not None:
+            payload = self._decrypt(payload, isBinary)
+            if payload is None:
+                return
         try:
             msg_type, fields = wire.parse_message(payload)
         except Malformed:
@@ -176,13 +183,61 @@ class GatewayProtocol(WebSocketServerProtocol):
         else:
             self._preauth(msg_type, fields)
 
+    def _decrypt(self, payload: bytes, is_binary: bool) -> Optional[bytes]:
+        """v2: every frame after server_hello is AES-GCM in a binary frame (§5)."""
+        assert self.cipher_in is not None
+        if self.cipher_in.counter >= crypto.MAX_FRAME_COUNTER - 1:
+            self._close_any(1001, "Session key rotation required")
+            return None
+        if not is_binary:
+            self._fail_v2(1008, "Decrypt failed")
+            return None
+        try:
+            return self.cipher_in.open(payload)
+        except crypto.CryptoError:
+            self._fail_v2(1008, "Decrypt failed")
+            return None
+
+    def _fail_v2(self, code: int, reason: str) -> None:
+        if self.session is None:
+            self._handshake_failed(code, reason, "decrypt_failed")
+        else:
+            self.session.close(code, reason)
+
+    def _close_any(self, code: int, reason: str) -> None:
+        if self.session is not None:
+            self.session.close(code, reason)
+        else:
+            self.close(code, reason)
+
+    def send_frame(self, data: bytes) -> None:
+        """Send one message: plain text in v1, an encrypted binary frame in v2."""
+        if self.gone:
+            return
+        if self.cipher_out is None:
+            self.sendMessage(data, False)
+            return
+        if self.cipher_out.counter >= crypto.MAX_FRAME_COUNTER - 1:
+            self._close_any(1001, "Session key rotation required")
+            return
+        self.sendMessage(self.cipher_out.seal(data), True)
+
     def _preauth(self, msg_type: str, fields: Dict[str, Any]) -> None:
         hs = self.handshake
         if hs is None:
             return
+        if self.cipher_in is not None and msg_type != "client_auth":
+            # v2: client_auth must be the first encrypted frame.
+            self._handshake_failed(1008, "Expected client_auth", "bad_format")
+            return
         try:
             if msg_type == "client_hello" and not hs.hello_done:
-                self.sendMessage(wire.encode("server_hello", hs.client_hello(fields)))
+                hello = hs.client_hello(fields)
+                self.sendMessage(wire.encode("server_hello", hello))
+                if hs.keys is not None:
+                    k_c2s, k_s2c = hs.keys
+                    self.cipher_in = crypto.FrameCipher(k_c2s)
+                    self.cipher_out = crypto.FrameCipher(k_s2c)
                 return
             if msg_type == "client_auth" and hs.hello_done:
                 auth = hs.client_auth(fields)
@@ -233,7 +288,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         if device.revoked_at is not None:
             self._handshake_failed(4003, "Device revoked", "revoked")
             return
-        session = Session(
+        session_class = V2Session if auth.protocol_version == 2 else Session
+        session = session_class(
             node, _Conn(self), auth.user_id, auth.device_id, self.session_id, auth.protocol_version,
             device.name, device.type,
         )
@@ -252,13 +308,13 @@ class GatewayProtocol(WebSocketServerProtocol):
             online = False
         if self.gone:
             return
-        head = await storage.head(auth.user_id)
+        head, purged_below = await storage.user_state(auth.user_id)
         if self.gone:
             return
         node.hub.known_head(auth.user_id, head)
         age = s.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))
         expires_at = now + int(age * 1000)
-        self.sendMessage(wire.encode("session_established", {
+        self.send_frame(wire.encode("session_established", {
             "type": "session_established",
             "device_id": auth.device_id,
             "last_ack_device_seq": device.last_device_seq,
@@ -277,6 +333,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         clock = node.clock
         self.last_pong = clock.seconds()
         self.timers.append(clock.callLater(age, session.expire))
+        if auth.protocol_version == 2:
+            self.timers.append(clock.callLater(max(0.0, age - 300), self._expiring_soon, expires_at))
         self._schedule_ping()
         self._register_outbound()
         if online:
@@ -286,7 +344,15 @@ class GatewayProtocol(WebSocketServerProtocol):
                 "type": "device_paired", "device_id": auth.device_id, "device_name": device.name,
                 "device_type": device.type, "timestamp": now,
             }, exclude_device=auth.device_id)
-        session.established(head, device.delivered_seq, device.last_device_seq)
+        if isinstance(session, V2Session):
+            session.established(head, device.delivered_seq, device.last_device_seq, auth.resume_from, purged_below)
+        else:
+            session.established(head, device.delivered_seq, device.last_device_seq)
+
+    def _expiring_soon(self, expires_at: int) -> None:
+        if self.session is not None and not self.gone:
+            left = max(0, (expires_at - self.node.now_ms()) // 1000)
+            self.send_frame(wire.encode("session_expiring_soon", {"expires_in_seconds": left, "expires_at": expires_at}))
 
     def _auth_error(self, failure: Failure) -> None:
         if failure.check(StorageUnavailable):
@@ -401,8 +467,7 @@ class _Conn:
         self.proto = proto
 
     def send(self, data: bytes) -> None:
-        if not self.proto.gone:
-            self.proto.sendMessage(data, False)
+        self.proto.send_frame(data)
 
     def close(self, code: int, reason: str) -> None:
         self.proto.close(code, reason)

@@ -185,7 +185,22 @@ class Session:
             self._on_replay(fields)
         elif msg_type == "ping":
             self.conn.send(wire.encode("pong", {"timestamp": self.node.now_ms()}))
-        # other types are ignored after authentication (v1)
+        else:
+            self._unknown_type(msg_type)
+
+    # What differs between protocol versions for rejected input; v1 answers as
+    # old clients expect (silence or a "dropped" ack), v2 overrides with errors.
+
+    def _unknown_type(self, msg_type: str) -> None:
+        """v1: unknown types after authentication are ignored."""
+
+    def _ignored_frame(self, checked: Any) -> Optional[bytes]:
+        """v1: an event of another device, or without a usable device_seq, gets no answer."""
+        return None
+
+    def _rejected_frame(self, code: str, reason: str, device_seq: Optional[int], event_id: Optional[str]) -> bytes:
+        """v1: a rejected event of the session's own device is acked and dropped."""
+        return _dropped_ack(device_seq, event_id)
 
     # ------------------------------------------------------------ events
 
@@ -194,16 +209,17 @@ class Session:
         checked = check_event(fields, self.user_id, self.device_id, self.settings.max_payload_bytes, self.node.now_ms())
         if checked.verdict in (Verdict.NOT_OWNER, Verdict.NO_SEQ):
             metrics.EVENTS_REJECTED.labels(reason=checked.verdict.value).inc()
+            frame = self._ignored_frame(checked)
+            if frame is not None:
+                self._answer_now(frame)
             return
-        slot = _Slot()
-        self.outcomes.append(slot)
         if checked.verdict is Verdict.INVALID:
             metrics.EVENTS_REJECTED.labels(reason="invalid_event").inc()
             log.info("event rejected: {reason}", reason=checked.reason)
-            slot.frame = _dropped_ack(checked.device_seq, checked.event_id)
-            slot.done = True
-            self._send_acks()
+            self._answer_now(self._rejected_frame("invalid_event", checked.reason, checked.device_seq, checked.event_id))
             return
+        slot = _Slot()
+        self.outcomes.append(slot)
         event = checked.event
         assert event is not None
         self.pending_bytes += event.payload_size
@@ -228,11 +244,21 @@ class Session:
             self.close(4003, "Account deleted")
             return
         else:
-            metrics.EVENTS_REJECTED.labels(reason="seq_conflict" if kind == "conflict" else "quota_exceeded").inc()
-            slot.frame = _dropped_ack(event.device_seq, event.event_id)
+            code = "seq_conflict" if kind == "conflict" else "quota_exceeded"
+            metrics.EVENTS_REJECTED.labels(reason=code).inc()
+            reason = "event_id or device_seq already used" if kind == "conflict" else "stored bytes quota exceeded"
+            slot.frame = self._rejected_frame(code, reason, event.device_seq, event.event_id)
         slot.done = True
         self._send_acks()
         self.pump()
+
+    def _answer_now(self, frame: bytes) -> None:
+        """An answer decided without storage, sent after the answers before it."""
+        slot = _Slot()
+        slot.frame = frame
+        slot.done = True
+        self.outcomes.append(slot)
+        self._send_acks()
 
     def _commit_failed(self, failure: Failure, slot: _Slot, event: Any) -> None:
         self.pending_bytes -= event.payload_size

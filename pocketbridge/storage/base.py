@@ -299,6 +299,15 @@ class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries, JobQ
         row = txn.fetchone()
         return int(row[0]) if row else 0
 
+    def user_state(self, user_id: str) -> "Deferred[Tuple[int, int]]":
+        """(head_seq, purged_below_seq) of the user ((0, 0) for none)."""
+        return self.run("user_state", self._txn_user_state, user_id)
+
+    def _txn_user_state(self, txn: Any, user_id: str) -> Tuple[int, int]:
+        self._execute(txn, "SELECT head_seq, purged_below_seq FROM users WHERE user_id = ?", (user_id,))
+        row = txn.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def count_backlog(self, user_id: str, after: int, upto: int, exclude_device: str, now: int) -> "Deferred[int]":
         """Events of other devices with after < seq ≤ upto, not expired at ``now``."""
         return self.run("count_backlog", self._txn_count, user_id, after, upto, exclude_device, now)
