@@ -50,6 +50,7 @@ class Jobs(Service):
             ("event_ttl", self.event_ttl),
             ("retention", self.retention),
             ("pairing_expiry", self.pairing_expiry),
+            ("mailbox_expiry", self.mailbox_expiry),
             ("presence_sweep", self.presence_sweep),
         ]
 
@@ -110,6 +111,11 @@ class Jobs(Service):
         if fn is None:
             return 0
         return await self._batches("pairing_expiry", fn, self.node.now_ms(), self.batch)
+
+    async def mailbox_expiry(self) -> int:
+        """Delete expired v2 pairing mailboxes."""
+        s = self.node.storage
+        return await self._batches("mailbox_expiry", s._txn_delete_expired_mailboxes, self.node.now_ms(), self.batch)
 
     async def presence_sweep(self) -> int:
         """Drop presence entries of crashed nodes and announce those devices offline."""

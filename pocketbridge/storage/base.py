@@ -24,6 +24,7 @@ from .q_admin import AdminQueries
 from .q_devices import DevicesQueries
 from .q_jobs import JobQueries
 from .q_pairing import PairingQueries
+from .q_pairing_v2 import PairingV2Queries
 
 log = Logger()
 T = TypeVar("T")
@@ -85,7 +86,7 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-class Storage(DevicesQueries, PairingQueries, AccountQueries, AdminQueries, JobQueries):
+class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, AdminQueries, JobQueries):
     """
     Users, devices and events in one SQL database via adbapi.
 
