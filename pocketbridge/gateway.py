@@ -151,6 +151,11 @@ class GatewayProtocol(WebSocketServerProtocol):
             return
         metrics.CLOSES.labels(code=str(code)).inc()
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        # Read again (a paused socket would never see the peer's close reply);
+        # the session ignores any frame that still arrives.
+        if self.transport is not None and self.paused_since is not None:
+            self.transport.resumeProducing()
+            self.reading_paused(False)
         if code == 1008 and reason == "Heartbeat timeout":
             self.timers.append(self.node.clock.callLater(5, self._drop))
 

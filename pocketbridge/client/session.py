@@ -1,0 +1,434 @@
+"""
+``Client``: the high-level v1 client (PROTOCOL.md §4, §6, §7).
+
+It runs the handshake over a ``RawConnection``, then dispatches every server
+message: acks resolve the Deferred of the event they belong to
+(``AckTracker``), events from other devices are recorded and (with
+``auto_ack``) acked with the sender's ``device_seq`` (§7.2), replay pages
+answer ``replay_request`` in order (§7.3).
+
+A ``Client`` can ``connect`` again after its connection closed; it keeps its
+``device_seq`` counter and history across connections.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+
+from pocketbridge.client._util import WaitQueue, is_wire_int, uuid7
+from pocketbridge.client.acks import AckTracker
+from pocketbridge.client.connection import CloseInfo, ConnectionClosed, MalformedMessage, RawConnection
+from pocketbridge.client.handshake import HandshakeError, V1Handshake, envelope_payload
+from pocketbridge.client.keys import Identity
+from pocketbridge.client.replay import ReplayPages
+
+log = Logger()
+
+
+class _Omit:
+    """Marker for ``send_event(extra=...)``: remove this field from the event."""
+
+    def __repr__(self) -> str:
+        """``OMIT``."""
+        return "OMIT"
+
+
+#: ``send_event(extra={"user_id": OMIT})`` sends the event without ``user_id``.
+OMIT = _Omit()
+
+Connector = Callable[[Any, str, Optional[Mapping[str, str]]], "Deferred[RawConnection]"]
+
+
+def _default_connector(reactor: Any, url: str, headers: Optional[Mapping[str, str]]) -> "Deferred[RawConnection]":
+    """Open a real WebSocket (the default ``connector``)."""
+    return RawConnection.open(reactor, url, headers)
+
+
+class Client:
+    """
+    A v1 PocketBridge client for one device of ``identity``.
+
+    ``device_id`` defaults to a new uuid4. ``next_device_seq`` seeds the
+    counter; after ``connect`` it is at least ``last_ack_device_seq + 1``.
+    With ``keep_history=False`` received events are not stored in
+    ``events_received``/``messages`` nor queued for ``next_event`` (long-running
+    watchers use ``on_event`` instead). Reactor thread only.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        identity: Identity,
+        device_id: Optional[str] = None,
+        device_name: Optional[str] = None,
+        device_type: Optional[str] = "cli",
+        auto_ack: bool = True,
+        flat_hello: bool = False,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        server_key: Optional[str] = None,
+        next_device_seq: int = 1,
+        keep_history: bool = True,
+        on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
+        handshake_timeout: float = 30.0,
+        connector: Optional[Connector] = None,
+        handshake_factory: Optional[Callable[["Client"], V1Handshake]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.url = url
+        self.identity = identity
+        self.device_id = device_id if device_id is not None else str(uuid.uuid4())
+        self.device_name = device_name
+        self.device_type = device_type
+        self.auto_ack = auto_ack
+        self.flat_hello = flat_hello
+        self.headers = headers
+        self.server_key = server_key
+        self.keep_history = keep_history
+        self.on_event = on_event
+        self.handshake_timeout = handshake_timeout
+        self._connector = connector or _default_connector
+        self._handshake_factory = handshake_factory
+        self._next_device_seq = next_device_seq
+        self.raw: Optional[RawConnection] = None
+        self.session: Optional[Dict[str, Any]] = None
+        self.events_received: List[Dict[str, Any]] = []
+        self.messages: List[Any] = []
+        self.unsolicited_pages: List[Dict[str, Any]] = []
+        self.last_seq = 0
+        self.close_info: Optional[CloseInfo] = None
+        self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
+        self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
+        self._reset_connection_state()
+
+    def _reset_connection_state(self, last_ack_device_seq: int = 0) -> None:
+        """Fresh per-connection bookkeeping (acks, replay pages)."""
+        self._acks = AckTracker()
+        self._replay = ReplayPages(last_ack_device_seq)
+        self._last_acked_own = last_ack_device_seq
+
+    # ------------------------------------------------------------ handshake
+
+    def connect(self) -> "Deferred[Dict[str, Any]]":
+        """
+        Open the socket and run the v1 handshake; fires with the
+        ``session_established`` payload. Fails with ``ConnectionClosed``
+        (the server closed, e.g. 1008 or 4029), ``HandshakeError`` (bad
+        server_hello; the socket is then closed 1000) or the connect error.
+        """
+        return Deferred.fromCoroutine(self._connect())
+
+    def _make_handshake(self) -> V1Handshake:
+        """The handshake object for one connection."""
+        if self._handshake_factory is not None:
+            return self._handshake_factory(self)
+        return V1Handshake(
+            self.identity,
+            self.device_id,
+            device_name=self.device_name,
+            device_type=self.device_type,
+            flat=self.flat_hello,
+            server_key=self.server_key,
+        )
+
+    async def _connect(self) -> Dict[str, Any]:
+        """Open the socket, run the handshake, start dispatching."""
+        if self.raw is not None and self.raw.close_info is None:
+            raise RuntimeError("already connected")
+        raw = await self._connector(self.reactor, self.url, self.headers)
+        self.raw = raw
+        self.session = None
+        self.close_info = None
+        self._reset_connection_state()
+        self._events.reopen()
+        handshake = self._make_handshake()
+        try:
+            est = await self._handshake(raw, handshake)
+        except HandshakeError:
+            raw.close(1000, "handshake failed")
+            raise
+        except ConnectionClosed:
+            raise
+        except BaseException:
+            raw.abort()  # timeout, cancellation or a bug: do not leave the socket half-open
+            raise
+        self.session = est
+        self._reset_connection_state(est["last_ack_device_seq"])
+        self._next_device_seq = max(self._next_device_seq, est["last_ack_device_seq"] + 1)
+        raw.set_receiver(self._dispatch, self._malformed)
+        raw.closed.addCallback(self._connection_closed)
+        return est
+
+    async def _handshake(self, raw: RawConnection, handshake: V1Handshake) -> Dict[str, Any]:
+        """Drive ``handshake`` to ``session_established`` over ``raw``."""
+        raw.send_json(handshake.client_hello())
+        while True:
+            message = await raw.next_message(timeout=self.handshake_timeout)
+            msg_type = message.get("type") if isinstance(message, dict) else None
+            if msg_type == "server_hello":
+                raw.send_json(handshake.on_server_hello(envelope_payload(message, "server_hello")))
+            elif msg_type == "session_established":
+                return handshake.on_session_established(envelope_payload(message, "session_established"))
+            else:
+                log.info("Ignoring {type!r} during the handshake", type=msg_type)
+
+    # ------------------------------------------------------------ receiving
+
+    def _dispatch(self, message: Any) -> None:
+        """Handle one server message after authentication."""
+        if self.keep_history:
+            self.messages.append(message)
+        msg_type = message.get("type") if isinstance(message, dict) else None
+        payload = message.get("payload") if isinstance(message, dict) else None
+        if not isinstance(payload, dict):
+            payload = {}
+        if msg_type == "event":
+            self._receive_event(payload)
+        elif msg_type == "ack":
+            if self._acks.match(payload):
+                if not payload.get("dropped") and is_wire_int(payload.get("device_seq")):
+                    self._last_acked_own = max(self._last_acked_own, payload["device_seq"])
+            else:
+                log.warn("Unmatched ack for device_seq {device_seq!r}", device_seq=payload.get("device_seq"))
+        elif msg_type == "replay_response":
+            self._receive_page(payload)
+        watchers, self._watchers = self._watchers, []
+        for wanted, d in watchers:
+            if wanted == msg_type:
+                d.callback(message)
+            else:
+                self._watchers.append((wanted, d))
+
+    def _malformed(self, exc: MalformedMessage) -> None:
+        """An undecodable server frame after authentication: log and go on."""
+        log.warn("Ignoring a malformed server frame after authentication")
+
+    def _receive_event(self, event: Dict[str, Any]) -> None:
+        """A relayed or replayed event: ack, record, notify."""
+        # Ack first: handing the event to a waiter resumes its coroutine at
+        # once, and it may close the socket before an ack sent after that.
+        if self.auto_ack and is_wire_int(event.get("device_seq")):
+            try:
+                self.ack(event["device_seq"])
+            except ConnectionClosed:
+                pass  # unacked events are sent again on the next connection
+        seq = event.get("seq")
+        if is_wire_int(seq) and seq > self.last_seq:
+            self.last_seq = seq
+        if self.keep_history:
+            self.events_received.append(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.failure("on_event callback failed")
+        if self.keep_history:
+            self._events.put(event)
+
+    def _receive_page(self, page: Dict[str, Any]) -> None:
+        """A replay_response: its events, then the request it answers."""
+        if not self._replay.receive(page, self._receive_event):
+            self.unsolicited_pages.append(page)
+
+    def _connection_closed(self, info: CloseInfo) -> CloseInfo:
+        """Fail everything waiting on this connection."""
+        self.close_info = info
+        exc = ConnectionClosed(*info)
+        self._acks.fail_all(exc)
+        self._replay.fail_all(exc)
+        self._events.fail(exc)
+        watchers, self._watchers = self._watchers, []
+        for _, d in watchers:
+            d.errback(exc)
+        return info
+
+    def next_event(self, timeout: Optional[float] = 5.0) -> "Deferred[Dict[str, Any]]":
+        """
+        The next received event payload (live or replayed, in receive order).
+        Fails with ``defer.TimeoutError`` or, once closed and drained, ``ConnectionClosed``.
+        """
+        return self._events.get(timeout)
+
+    def wait_for(self, msg_type: str, timeout: Optional[float] = 5.0, since: Optional[int] = 0) -> "Deferred[Any]":
+        """
+        The first message of ``msg_type`` in ``messages[since:]``, or the next
+        one to arrive. Take ``since=len(c.messages)`` before an action to see
+        only what it caused; ``since=None`` only waits for new messages.
+        """
+        if since is not None:
+            for message in self.messages[since:]:
+                if isinstance(message, dict) and message.get("type") == msg_type:
+                    return succeed(message)
+        if self.close_info is not None:
+            return fail(ConnectionClosed(*self.close_info))
+        d: "Deferred[Any]" = Deferred(canceller=lambda d: self._forget_watcher(d))
+        self._watchers.append((msg_type, d))
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        return d
+
+    def _forget_watcher(self, d: "Deferred[Any]") -> None:
+        """Drop a cancelled ``wait_for``."""
+        self._watchers = [(t, w) for t, w in self._watchers if w is not d]
+
+    # ------------------------------------------------------------ sending
+
+    @property
+    def next_device_seq(self) -> int:
+        """The ``device_seq`` the next ``send_event`` will use."""
+        return self._next_device_seq
+
+    def _connected(self) -> RawConnection:
+        """The open RawConnection, or ConnectionClosed."""
+        if self.raw is None or self.session is None:
+            raise ConnectionClosed(1006, "not connected")
+        if self.raw.close_info is not None:
+            raise ConnectionClosed(*self.raw.close_info)
+        return self.raw
+
+    def send_raw(self, obj: Any) -> None:
+        """Send any JSON value as one message; no ack tracking."""
+        if self.raw is None:
+            raise ConnectionClosed(1006, "not connected")
+        self.raw.send_json(obj)
+
+    def send_event_nowait(
+        self,
+        stream_id: str,
+        type: str,
+        encrypted_payload: str,
+        ttl: Optional[int] = None,
+        event_id: Optional[str] = None,
+        device_seq: Optional[int] = None,
+        user_id: Optional[str] = None,
+        *,
+        extra: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+    ) -> "Deferred[Dict[str, Any]]":
+        """
+        Send one event; the Deferred fires with its ack payload (``seq``,
+        ``stream_seq``, or ``dropped``). ``extra`` overrides or, with
+        ``OMIT``, removes fields. ``timeout`` (s) fails it with
+        ``defer.TimeoutError``; a close fails it with ``ConnectionClosed``.
+        """
+        try:
+            raw = self._connected()
+        except ConnectionClosed as e:
+            return fail(e)
+        if event_id is None:
+            event_id = uuid7(self.reactor)
+        if device_seq is None:
+            device_seq = self._next_device_seq
+        if is_wire_int(device_seq):
+            self._next_device_seq = max(self._next_device_seq, device_seq + 1)
+        payload: Dict[str, Any] = {
+            "event_id": event_id,
+            "user_id": user_id if user_id is not None else self.identity.user_id,
+            "device_id": self.device_id,
+            "device_seq": device_seq,
+            "stream_id": stream_id,
+            "stream_seq": 0,
+            "type": type,
+            "encrypted_payload": encrypted_payload,
+        }
+        if ttl is not None:
+            payload["ttl"] = ttl
+        for key, value in (extra or {}).items():
+            if value is OMIT:
+                payload.pop(key, None)
+            else:
+                payload[key] = value
+        d = self._acks.expect(payload.get("event_id"), payload.get("device_seq"))
+        raw.send_json({"type": "event", "payload": payload})
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        return d
+
+    def send_event(
+        self,
+        stream_id: str,
+        type: str,
+        encrypted_payload: str,
+        ttl: Optional[int] = None,
+        event_id: Optional[str] = None,
+        device_seq: Optional[int] = None,
+        user_id: Optional[str] = None,
+        *,
+        extra: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+    ) -> "Deferred[Dict[str, Any]]":
+        """Same as ``send_event_nowait``; spelled for ``await c.send_event(...)``."""
+        return self.send_event_nowait(
+            stream_id, type, encrypted_payload, ttl, event_id, device_seq, user_id, extra=extra, timeout=timeout
+        )
+
+    def ack(self, device_seq: int) -> None:
+        """Send a v1 ack for a received event: the SENDER's ``device_seq`` (§7.2)."""
+        self._connected().send_json({"type": "ack", "payload": {"device_seq": device_seq}})
+
+    def replay_request(
+        self,
+        limit: Optional[int] = 100,
+        last_ack_device_seq: Optional[int] = None,
+        continuation_token: Optional[str] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> "Deferred[Dict[str, Any]]":
+        """
+        Send a v1 ``replay_request``; fires with the page that answers it
+        (pages answer requests in order; an unsolicited first page is kept in
+        ``unsolicited_pages`` and does not count as an answer).
+        """
+        try:
+            raw = self._connected()
+        except ConnectionClosed as e:
+            return fail(e)
+        payload: Dict[str, Any] = {
+            "last_ack_device_seq": self._last_acked_own if last_ack_device_seq is None else last_ack_device_seq
+        }
+        if limit is not None:
+            payload["limit"] = limit
+        if continuation_token is not None:
+            payload["continuation_token"] = continuation_token
+        d = self._replay.expect()
+        raw.send_json({"type": "replay_request", "payload": payload})
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        return d
+
+    def catch_up(self, limit: int = 100, timeout: Optional[float] = None) -> "Deferred[List[Dict[str, Any]]]":
+        """
+        Request pages until one has ``has_more: false``; fires with the events
+        replayed on this connection since the last ``catch_up`` (the
+        unsolicited first page included). Live events are not in the list.
+        """
+        return Deferred.fromCoroutine(self._catch_up(limit, timeout))
+
+    async def _catch_up(self, limit: int, timeout: Optional[float]) -> List[Dict[str, Any]]:
+        """Request pages until ``has_more`` is false."""
+        replay = self._replay
+        while True:
+            page = await self.replay_request(limit=limit, continuation_token=replay.continuation_token, timeout=timeout)
+            if not page.get("has_more"):
+                break
+        return replay.take_replayed(keep=self.keep_history)
+
+    # ------------------------------------------------------------ closing
+
+    def close(self, code: int = 1000, reason: Optional[str] = None) -> "Deferred[CloseInfo]":
+        """Close the socket; fires with ``(code, reason)`` once closed."""
+        if self.raw is None:
+            return succeed((1000, "never connected"))
+        return self.raw.close(code, reason)
+
+    @property
+    def closed(self) -> "Deferred[CloseInfo]":
+        """A new Deferred firing with ``(code, reason)`` when the current connection closes."""
+        if self.raw is None:
+            return fail(ConnectionClosed(1006, "not connected"))
+        return self.raw.closed
