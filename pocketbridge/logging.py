@@ -27,3 +27,16 @@ def install_level_filter(level: LogLevel) -> None:
         globalLogPublisher.removeObserver(obs)
     globalLogPublisher.addObserver(filtered)
     globalLogPublisher._pb_filtered = True  # type: ignore[attr-defined]
+
+
+def json_observer() -> Any:
+    """
+    A JSON-lines log observer on stdout, for ``twistd --logger
+    pocketbridge.logging.json_observer``: one JSON object per event with the
+    format fields (never secrets or payloads: the code does not log them).
+    """
+    import sys
+
+    from twisted.logger import jsonFileLogObserver
+
+    return jsonFileLogObserver(sys.stdout)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -143,6 +143,24 @@ class _Gateway(Service):
         return DeferredList([node.writer.flush()])
 
 
+class OrderedServices(MultiService):
+    """Starts children in order and stops them one at a time in reverse, each
+    after the previous one finished (the writer must flush before the pool closes)."""
+
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)
+        children = list(self)[::-1]
+
+        async def stop_all() -> None:
+            for child in children:
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("stopping {service}", service=type(child).__name__)
+
+        return Deferred.fromCoroutine(stop_all())
+
+
 def makeService(options: Options) -> MultiService:
     """Wire the server from its options."""
     from twisted.internet import reactor
@@ -199,7 +217,7 @@ def makeService(options: Options) -> MultiService:
     app = build_app(node, make_factory(node))
     site = build_site(app)
 
-    top = MultiService()
+    top = OrderedServices()
     _Storage(storage).setServiceParent(top)
     if settings.redis:
         bus.setServiceParent(top)
