@@ -188,6 +188,7 @@ SETTINGS: List[Setting] = [
     Setting("presence_ttl", positive_float, 60.0, "PB_PRESENCE_TTL", "Seconds a node's presence entry lives without refresh (refreshed every third of it)"),
     Setting("jobs_interval", positive_float, 60.0, "PB_JOBS_INTERVAL", "Seconds between background job runs"),
     Setting("job_batch", positive_int, 1000, "PB_JOB_BATCH", "Rows a job deletes per transaction"),
+    Setting("shutdown_window", positive_float, 2.0, "PB_SHUTDOWN_WINDOW", "Seconds over which SIGTERM closes sockets (keep below the supervisor's stop timeout)"),
     Setting("metrics_listen", text, "", "PB_METRICS_LISTEN", "Separate endpoint for /metrics (empty: on the main port)"),
     Setting("admin_api_key", text, "", "ADMIN_API_KEY", "Admin bearer key, at least 32 characters (environment only)", cli=False),
 ]

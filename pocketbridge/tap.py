@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from . import config
 from .config import ConfigError, Settings
+from .drain import start_drain
 
 log = Logger()
 
@@ -134,13 +135,14 @@ class _Gateway(Service):
     def stopService(self) -> "Deferred[Any]":
         super().stopService()
         node = self.node
-        node.draining = True
-        for proto in list(node.connections):
-            if proto.session is not None:
-                proto.session.close(1001, "Server going away")
-            else:
-                proto.close(1001, "Server going away")
-        return DeferredList([node.writer.flush()])
+
+        async def drain_then_flush() -> None:
+            # Stop accepting, close sockets 1001 spread over the shutdown
+            # window, then commit what the writer still holds.
+            await start_drain(node, node.settings.shutdown_window)
+            await node.writer.flush()
+
+        return Deferred.fromCoroutine(drain_then_flush())
 
 
 class OrderedServices(MultiService):

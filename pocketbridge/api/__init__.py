@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import account, admin, devices, pairing
+from . import account, admin, devices, pairing, pairing_v2
 from .auth import Authenticator
 from .http import Api
 
@@ -12,6 +12,6 @@ from .http import Api
 def install_api(app: Any, node: Any) -> Api:
     """Register every REST route on the Klein ``app``."""
     api = Api(app, node, Authenticator(node))
-    for module in (devices, pairing, account, admin):
+    for module in (devices, pairing, pairing_v2, account, admin):
         module.register(api, node)
     return api

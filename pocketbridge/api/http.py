@@ -235,7 +235,7 @@ class Api:
                 return Deferred.fromCoroutine(self._run(request, fn, auth, route_name, rate_limited, kwargs))
 
             for i, p in enumerate(paths):
-                self.app.route(p, methods=methods, endpoint="{}#{}".format(route_name, i))(handler)
+                self.app.route(p, methods=methods, endpoint="{}#{}#{}".format(route_name, ",".join(methods), i))(handler)
             return fn
 
         return register
