@@ -93,7 +93,9 @@ class Authenticator:
         if not key:
             raise ApiError(404, "NOT_FOUND", "Not found")
         header = request.getHeader(b"authorization") or b""
-        given = header[len(b"Bearer "):] if header.startswith(b"Bearer ") else b""
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            given = b""
         if not hmac.compare_digest(given, key.encode("utf-8")):
             raise ApiError(401, "ADMIN_AUTH_REQUIRED", "Admin key missing or wrong")
         return ADMIN
