@@ -458,9 +458,12 @@ class GatewayProtocol(WebSocketServerProtocol):
             return
         node = self.node
         now = node.now_ms()
-        node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
-        node.storage.touch_device(session.user_id, session.device_id, now).addErrback(
-            lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
+        # Persist last_seen first, then tell the other devices (a REST read after
+        # the notice sees the new value).
+        d = node.storage.touch_device(session.user_id, session.device_id, now)
+        d.addErrback(lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
+        d.addCallback(lambda _: node.announce_presence(
+            session.user_id, session.device_id, session.device_name, session.device_type, False, now))
 
 
 class _Conn:

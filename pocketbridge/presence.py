@@ -23,11 +23,6 @@ class LocalPresence:
 
     def __init__(self) -> None:
         self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
-        self.last_seen: Dict[Tuple[str, str], int] = {}  # TRANSITIONAL: devices.py moves to user_sockets
-
-    def sockets(self, user_id: str, device_id: str) -> Dict[str, int]:
-        """TRANSITIONAL sync view of one device's sockets (embedded only)."""
-        return dict(self.devices.get((user_id, device_id), {}))
 
     def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
         """(live sockets of the device, live sockets of the user)."""

@@ -18,6 +18,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .. import metrics, wire
+from ..storage import StorageUnavailable
 
 log = Logger()
 
@@ -257,6 +258,8 @@ class Api:
             return self.respond(request, status, body, route)
         except ApiError as e:
             return self.error(request, e, route)
+        except StorageUnavailable:
+            return self.error(request, ApiError(503, "UNAVAILABLE", "Storage unavailable", headers={"Retry-After": "5"}), route)
         except Exception:
             log.failure("bug in {route} (request {rid})", route=route, rid=getattr(request, "request_id", "-"))
             return self.error(request, ApiError(500, "INTERNAL", "Internal error"), route)

@@ -203,11 +203,14 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
             " VALUES (?, 0, 0, 0, ?, ?) ON CONFLICT (user_id) DO NOTHING",
             (user_id, now, now),
         )
+        # A device row removed by a legacy (soft) revocation may come back: it
+        # starts from the device_seqs already stored, so last_ack_device_seq is true.
         self._execute(
             txn,
-            "INSERT INTO devices (user_id, device_id, name, type, created_at, last_seen)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, device_id) DO NOTHING",
-            (user_id, device_id, name, dtype, now, now),
+            "INSERT INTO devices (user_id, device_id, name, type, created_at, last_seen, last_device_seq)"
+            " VALUES (?, ?, ?, ?, ?, ?, COALESCE((SELECT MAX(device_seq) FROM events"
+            " WHERE user_id = ? AND device_id = ?), 0)) ON CONFLICT (user_id, device_id) DO NOTHING",
+            (user_id, device_id, name, dtype, now, now, user_id, device_id),
         )
         created = txn.rowcount == 1
         device = self._txn_get_device(txn, user_id, device_id)
