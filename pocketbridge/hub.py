@@ -68,7 +68,7 @@ class DeliveryHub:
     def detach(self, sink: LiveSink) -> None:
         """Stop routing to ``sink``."""
         route = self.users.get(sink.user_id)
-        if route is None:
+        if route is None or sink not in route.sinks:
             return
         route.sinks.discard(sink)
         if not route.sinks:
@@ -81,6 +81,15 @@ class DeliveryHub:
         route = self.users.get(user_id)
         if route is not None and route.head is None:
             route.head = head
+
+    def forget_user(self, user_id: str) -> None:
+        """
+        The account was deleted: drop the user's routing state at once (its
+        sockets are closing), so a re-created account starts from seq 1 here.
+        """
+        route = self.users.pop(user_id, None)
+        if route is not None and self.bus is not None:
+            self.bus.unsubscribe(user_id)
 
     def sinks(self, user_id: str) -> List[LiveSink]:
         """This node's sessions of the user."""

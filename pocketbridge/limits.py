@@ -29,7 +29,7 @@ class LocalLimits:
     def __init__(self, now: Callable[[], float]) -> None:
         self.now = now
         self.buckets: Dict[Tuple[str, str], TokenBucket] = {}
-        self.windows: Dict[Tuple[str, str], Tuple[int, float]] = {}
+        self.windows: Dict[Tuple[str, str], Tuple[int, float, float]] = {}  # (count, start, length)
         self.seen: Dict[str, int] = {}
 
     def _bucket(self, name: str, key: str, rate: float, burst: float) -> TokenBucket:
@@ -54,11 +54,11 @@ class LocalLimits:
     def window(self, name: str, key: str, window_s: float, add: int = 0) -> "Deferred[Tuple[int, int]]":
         """Add to a fixed window counter; fires with (count, seconds until it resets)."""
         now = self.now()
-        count, start = self.windows.get((name, key), (0, now))
+        count, start, _ = self.windows.get((name, key), (0, now, window_s))
         if now - start >= window_s:
             count, start = 0, now
         count += add
-        self.windows[(name, key)] = (count, start)
+        self.windows[(name, key)] = (count, start, window_s)
         return succeed((count, max(1, int(math.ceil(start + window_s - now)))))
 
     def insert_if_absent(self, key: str, expires_at_ms: int, now_ms: int) -> "Deferred[bool]":
@@ -76,6 +76,9 @@ class LocalLimits:
         """Forget full buckets and ended windows."""
         for k in [k for k, b in self.buckets.items() if b.wait_for(b.burst) == 0.0]:
             del self.buckets[k]
+        now = self.now()
+        for w in [w for w, (_, start, length) in self.windows.items() if now - start >= length]:
+            del self.windows[w]
 
 
 _BUCKET = """

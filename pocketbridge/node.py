@@ -156,6 +156,7 @@ class Node:
             self.hub.close_device(user, device, 4003, "Device revoked", notice)
         elif kind == "delete_user":
             self.hub.close_device(user, None, 4003, "Account deleted", None)
+            self.hub.forget_user(user)
         elif kind == "notice":
             self.hub.notify_user(user, message["type"], message["payload"], exclude_device=message.get("exclude_device"))
 

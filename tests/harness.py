@@ -553,6 +553,8 @@ def make_server(
     if redis:
         require_redis(testcase)
         extra += ["--redis", redis_url()]
+        if not any(str(a).startswith("--redis-prefix") for a in args):
+            extra += ["--redis-prefix", _redis_prefix(testcase)]
     if backend == "postgresql":
         if database_url is None:
             database_url = create_database(testcase).url
@@ -563,6 +565,31 @@ def make_server(
     server = ServerProcess(database_url=database_url, args=extra + list(args), env=env)
     testcase.addCleanup(server.cleanup)
     return server
+
+
+def _redis_prefix(testcase: TestCase) -> str:
+    """One Redis key prefix per test, shared by its nodes; its keys are deleted afterwards."""
+    prefix = getattr(testcase, "_pb_redis_prefix", None)
+    if prefix is None:
+        prefix = "pbtest:{}:".format(os.urandom(6).hex())
+        testcase._pb_redis_prefix = prefix  # type: ignore[attr-defined]
+        testcase.addCleanup(_delete_redis_keys, prefix)
+    return prefix
+
+
+def _delete_redis_keys(prefix: str) -> None:
+    """Best effort: drop a test's keys (most expire on their own anyway)."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        return
+    url = redis_url()
+    try:
+        keys = subprocess.run([cli, "-u", url, "--scan", "--pattern", prefix + "*"], capture_output=True,
+                              text=True, timeout=10).stdout.split()
+        if keys:
+            subprocess.run([cli, "-u", url, "DEL", *keys], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
 
 
 async def start_server(
