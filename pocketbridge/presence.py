@@ -203,7 +203,7 @@ class RedisPresence:
             exp = self.now_ms() + self.ttl_ms
             for (user, device, sock), auth in list(self.local.items()):
                 await conn.hset(self._key(user), self._field(device, sock), "{}|{}".format(auth, exp))
-                await conn.pexpire(self._key(user), self.ttl_ms)
+                await conn.execute_command("PEXPIRE", self._key(user), self.ttl_ms)
                 await conn.sadd(self.users_key, user)
 
         return Deferred.fromCoroutine(run())
