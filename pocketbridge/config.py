@@ -183,6 +183,7 @@ SETTINGS: List[Setting] = [
     Setting("pairing_failures_global", positive_int, 200, "PB_PAIRING_FAILURES_GLOBAL", "Failed pairing lookups service-wide per window (divided by live codes / 50)"),
     Setting("pairing_failure_window", positive_float, 600.0, "PB_PAIRING_FAILURE_WINDOW", "Seconds of the failed-lookup window"),
     Setting("pairing_ttl", positive_float, 600.0, "PB_PAIRING_TTL", "Seconds a v1 pairing code lives"),
+    Setting("pairing_v2_ttl", positive_float, 300.0, "PB_PAIRING_V2_TTL", "Seconds a v2 pairing mailbox lives"),
     Setting("auth_window", positive_float, 300.0, "PB_AUTH_WINDOW", "Seconds a signed request's ts may differ from now"),
     Setting("drain_window", positive_float, 30.0, "PB_DRAIN_WINDOW", "Seconds over which a drain closes sockets"),
     Setting("presence_ttl", positive_float, 60.0, "PB_PRESENCE_TTL", "Seconds a node's presence entry lives without refresh (refreshed every third of it)"),

@@ -26,7 +26,6 @@ CODE_RE = re.compile(r"^[0-9]{6}\Z")
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")
 B64_TEXT_RE = re.compile(r"^[A-Za-z0-9+/=_-]+\Z")
 MAX_MSG = 16 * 1024
-TTL_MS = 300_000
 POLL_SECONDS = 0.5  # long-polls re-check storage at least this often (and wake on notices)
 
 
@@ -77,10 +76,12 @@ class MailboxRoutes:
         if not isinstance(code, str) or not CODE_RE.match(code):
             raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
         msg_a = _text_field(body, "msg_a")
+        await self.budgets.check(self.api.client_ip(request), caller.user_id, service_wide=False)
         now = self.node.now_ms()
+        expires_at = now + int(self.node.settings.pairing_v2_ttl * 1000)
         assert caller.user_id is not None and caller.device_id is not None
         result = await self.node.storage.mailbox_create(
-            self.code_key(code), caller.user_id, caller.device_id, msg_a, now, now + TTL_MS)
+            self.code_key(code), caller.user_id, caller.device_id, msg_a, now, expires_at)
         if result != "ok":
             if result == "taken_other":
                 await self._failed(request, caller)
@@ -88,7 +89,7 @@ class MailboxRoutes:
             raise ApiError(409, "CONFLICT", "Pairing code is already active")
         self.budgets.forget_live_count()
         metrics.PAIRING.labels(op="v2_create", result="ok").inc()
-        return 201, {"expires_at": now + TTL_MS}
+        return 201, {"expires_at": expires_at}
 
     # 2. B joins
     async def join(self, request: Any, caller: Caller, code: str) -> Tuple[int, Any]:
