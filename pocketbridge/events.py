@@ -77,6 +77,8 @@ def check_event(
     """
     payload = fields.get("encrypted_payload")
     size = len(payload) if isinstance(payload, str) else 0
+    raw_dseq = fields.get("device_seq")
+    echo_dseq = raw_dseq if type(raw_dseq) is int and 1 <= raw_dseq <= MAX_DEVICE_SEQ else None
     raw_event_id = fields.get("event_id")
     event_id = raw_event_id.lower() if isinstance(raw_event_id, str) else None
 
@@ -84,10 +86,12 @@ def check_event(
     user = fields.get("user_id")
     if user is not None and user != "":
         if not isinstance(user, str) or user.lower() != session_user:
-            return Checked(Verdict.NOT_OWNER, "user_id is not the session user", payload_size=size, event_id=event_id)
+            return Checked(Verdict.NOT_OWNER, "user_id is not the session user", payload_size=size, event_id=event_id,
+                           device_seq=echo_dseq)
     device = fields.get("device_id")
     if not isinstance(device, str) or device.lower() != session_device:
-        return Checked(Verdict.NOT_OWNER, "device_id is not the session device", payload_size=size, event_id=event_id)
+        return Checked(Verdict.NOT_OWNER, "device_id is not the session device", payload_size=size, event_id=event_id,
+                       device_seq=echo_dseq)
 
     # 2. syntax; device_seq first, since without it nothing can be acked
     dseq = fields.get("device_seq")

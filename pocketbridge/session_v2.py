@@ -107,12 +107,16 @@ class V2Session(Session):
             self.conn.send(self._error("bad_request", "ack needs an integer seq >= 0", "ack"))
             return
         seq = min(seq, self.highest_sent)
-        if seq <= self.acked:
-            return
-        self.acked = seq
+        # Events sent again by a resumed catch-up may sit at or below the old
+        # ack point: an ack still frees their window room.
+        released = False
         while self.unacked and self.unacked[0][0] <= seq:
             _, size = self.unacked.popleft()
             self.unacked_bytes -= size
+            released = True
+        if seq <= self.acked and not released:
+            return
+        self.acked = max(self.acked, seq)
         self.last_progress = self.node.clock.seconds()
         if seq > self.delivered:
             self.delivered = seq
@@ -227,9 +231,10 @@ class V2Session(Session):
                 payload["continuation_token"] = "seq:{}".format(new_pos)
             self.remaining = max(0, remaining - len(events))
             self.pos = new_pos
-            metrics.REPLAY_PAGES.inc()
-            metrics.EVENTS_RELAYED.labels(path="replay").inc(len(events))
-            self.conn.send(wire.encode("replay_response", payload))
+            if events:  # a page holds at least one event; nothing due → just caught_up
+                metrics.REPLAY_PAGES.inc()
+                metrics.EVENTS_RELAYED.labels(path="replay").inc(len(events))
+                self.conn.send(wire.encode("replay_response", payload))
         else:
             self.pos = new_pos
             self.held.extend(events)

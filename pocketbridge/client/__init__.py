@@ -1,20 +1,34 @@
 """
-The PocketBridge client SDK (protocol v1).
+The PocketBridge client SDK (protocol v1 and v2).
 
-- ``Identity`` / ``DeviceKeys``: the user's Ed25519 key and a device key file (``keys``).
-- ``RawConnection``: a WebSocket with a message queue, for tests and tools (``connection``).
-- ``Client``: handshake, events and acks, replay (``session``).
+- ``Identity`` / ``DeviceKeys``: the user's Ed25519 key and a device key file
+  with the v2 server pins and ``last_received_seq`` (``keys``).
+- ``RawConnection``: a WebSocket with a message queue and a frame codec
+  (``JsonCodec`` for v1, ``V2Codec`` for the v2 AES-GCM channel), for tests
+  and tools (``connection``).
+- ``V1Handshake`` / ``V2Handshake``: the sans-IO handshakes (``handshake``).
+- ``Client``: handshake, events and acks, catch-up (``session``; the v2 half
+  in ``session_v2``, its bookkeeping in ``v2``). New code uses
+  ``Client.for_device(reactor, url, keys)`` or ``Client.v2(...)`` (v2);
+  ``Client(...)`` alone still speaks v1 for existing callers.
 - ``ReconnectingClient`` / ``RetryPolicy``: the §11 close-code policy (``reconnect``).
 
-v1 has no end-to-end encryption in the SDK yet: ``encrypted_payload`` is
-whatever base64 the caller passes. The v2 channel and payload encryption
-slot in as another handshake class and frame codec.
+The SDK does no payload encryption: ``encrypted_payload`` is whatever
+base64 the caller passes (v2 encrypts the channel, not the payloads).
 """
 
 from pocketbridge.client.acks import AckTracker
-from pocketbridge.client.connection import ConnectionClosed, JsonCodec, MalformedMessage, RawConnection
-from pocketbridge.client.handshake import HandshakeError, V1Handshake
-from pocketbridge.client.keys import DeviceKeys, Identity, KeyFileError, default_keys_path
+from pocketbridge.client.connection import (
+    ConnectionClosed,
+    DecryptFailed,
+    JsonCodec,
+    KeyRotationRequired,
+    MalformedMessage,
+    RawConnection,
+    V2Codec,
+)
+from pocketbridge.client.handshake import HandshakeError, ServerKeyChanged, V1Handshake, V2Handshake
+from pocketbridge.client.keys import DeviceKeys, Identity, KeyFileError, default_keys_path, server_address
 from pocketbridge.client.reconnect import (
     DeviceRevoked,
     EventDeduper,
@@ -23,26 +37,36 @@ from pocketbridge.client.reconnect import (
     RetryPolicy,
     parse_retry_after,
 )
-from pocketbridge.client.session import OMIT, Client
+from pocketbridge.client.session import AUTO, DEFAULT_PROTOCOL_VERSION, OMIT, Client
+from pocketbridge.client.v2 import EventRejected
 
 __all__ = [
+    "AUTO",
     "AckTracker",
     "Client",
     "ConnectionClosed",
+    "DEFAULT_PROTOCOL_VERSION",
+    "DecryptFailed",
     "DeviceKeys",
     "DeviceRevoked",
     "EventDeduper",
+    "EventRejected",
     "HandshakeError",
     "Identity",
     "JsonCodec",
     "KeyFileError",
+    "KeyRotationRequired",
     "MalformedMessage",
     "OMIT",
     "RawConnection",
     "ReconnectingClient",
     "RetryDecision",
     "RetryPolicy",
+    "ServerKeyChanged",
     "V1Handshake",
+    "V2Codec",
+    "V2Handshake",
     "default_keys_path",
     "parse_retry_after",
+    "server_address",
 ]

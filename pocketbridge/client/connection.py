@@ -7,13 +7,14 @@ transport. The Autobahn protocol class is a thin adapter that forwards
 open/message/close to the ``RawConnection``.
 
 Frames are decoded by a codec: ``JsonCodec`` (v1: one JSON document per text
-or binary frame). A v2 handshake will install an AEAD codec after
-``server_hello`` with ``set_codec``.
+or binary frame) or ``V2Codec`` (v2: AES-256-GCM in binary frames, one
+counter per direction, PROTOCOL.md §5), which a v2 handshake installs with
+``set_codec`` right after ``server_hello``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -24,6 +25,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
+from pocketbridge import crypto
 from pocketbridge.client._util import WaitQueue
 
 log = Logger()
@@ -53,6 +55,17 @@ class MalformedMessage(Exception):
     """The server sent a frame that the codec could not decode."""
 
 
+class DecryptFailed(MalformedMessage):
+    """v2: a server frame was text, or failed AES-GCM authentication (§5)."""
+
+
+class KeyRotationRequired(ConnectionClosed):
+    """v2: the send counter would reach 2^32; the connection is closed, reconnect for fresh keys (§5)."""
+
+    def __init__(self, reason: str = "Session key rotation required") -> None:
+        super().__init__(1001, reason)
+
+
 class JsonCodec:
     """v1 framing: one UTF-8 JSON document per frame, sent as text."""
 
@@ -66,6 +79,60 @@ class JsonCodec:
             return orjson.loads(payload)
         except orjson.JSONDecodeError as e:
             raise MalformedMessage("frame is not JSON") from e
+
+
+class V2Codec:
+    """
+    v2 framing (PROTOCOL.md §5): every message is the UTF-8 JSON envelope
+    sealed with AES-256-GCM into one binary frame; nonce = 4 zero bytes ‖ the
+    8-byte big-endian counter of that direction, starting at 0.
+
+    A client uses ``V2Codec(k_c2s, k_s2c)``; the same class with the keys
+    swapped plays the server (tests). Not thread-safe; one per connection.
+    """
+
+    def __init__(self, send_key: bytes, receive_key: bytes) -> None:
+        self._out = crypto.FrameCipher(send_key)
+        self._in = crypto.FrameCipher(receive_key)
+
+    @property
+    def send_counter(self) -> int:
+        """The counter the next sealed frame will use."""
+        return self._out.counter
+
+    @property
+    def receive_counter(self) -> int:
+        """The counter the next opened frame must have used."""
+        return self._in.counter
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """Encrypt any bytes as the next outgoing frame (tests use it for non-JSON plaintext)."""
+        if self._out.counter >= crypto.MAX_FRAME_COUNTER - 1:
+            raise KeyRotationRequired()
+        return self._out.seal(plaintext)
+
+    def open(self, ciphertext: bytes) -> bytes:
+        """Decrypt the next incoming frame; DecryptFailed when it does not authenticate."""
+        if self._in.counter >= crypto.MAX_FRAME_COUNTER - 1:
+            raise DecryptFailed("receive counter exhausted")
+        try:
+            return self._in.open(ciphertext)
+        except crypto.CryptoError as e:
+            raise DecryptFailed("frame failed to decrypt") from e
+
+    def encode(self, obj: Any) -> Tuple[bytes, bool]:
+        """``(ciphertext, True)`` for one message."""
+        return self.seal(orjson.dumps(obj)), True
+
+    def decode(self, payload: bytes, is_binary: bool) -> Any:
+        """The JSON value of a frame; DecryptFailed for a text frame or a bad tag."""
+        if not is_binary:
+            raise DecryptFailed("text frame on a v2 channel")
+        plaintext = self.open(payload)
+        try:
+            return orjson.loads(plaintext)
+        except orjson.JSONDecodeError as e:
+            raise MalformedMessage("plaintext is not JSON") from e
 
 
 class _BridgeProtocol(WebSocketClientProtocol):
@@ -159,6 +226,9 @@ class RawConnection:
         self._on_malformed: Optional[Callable[[MalformedMessage], None]] = None
         self._open_d: "Deferred[None]" = Deferred(canceller=lambda d: self.abort())
         self._close_waiters: list["Deferred[CloseInfo]"] = []
+        #: Set to True to keep every received frame as ``(is_binary, payload)`` in ``frames``.
+        self.record_frames = False
+        self.frames: List[Tuple[bool, bytes]] = []
 
     @classmethod
     def open(
@@ -203,6 +273,8 @@ class RawConnection:
 
     def _received(self, payload: bytes, is_binary: bool) -> None:
         """Autobahn: a whole message arrived; decode and queue or deliver it."""
+        if self.record_frames:
+            self.frames.append((is_binary, payload))
         try:
             message = self.codec.decode(payload, is_binary)
         except MalformedMessage as e:
@@ -316,10 +388,21 @@ class RawConnection:
             raise ConnectionClosed(code if code is not None else 1000, "closing")
         return self.protocol
 
-    def send_json(self, obj: Any) -> None:
-        """Send one message through the codec (v1: a JSON text frame)."""
-        payload, is_binary = self.codec.encode(obj)
-        self._check_open().sendMessage(payload, isBinary=is_binary)
+    def send_json(self, obj: Any) -> bytes:
+        """
+        Send one message through the codec (v1: a JSON text frame; v2: a
+        sealed binary frame); returns the frame payload as sent (tests resend
+        it to prove replay protection). v2: ``KeyRotationRequired`` when the
+        send counter is exhausted; the connection is then closed.
+        """
+        protocol = self._check_open()
+        try:
+            payload, is_binary = self.codec.encode(obj)
+        except KeyRotationRequired:
+            self.close(1000, "Session key rotation required")
+            raise
+        protocol.sendMessage(payload, isBinary=is_binary)
+        return payload
 
     def send_text(self, text: str) -> None:
         """Send ``text`` as one text frame, bypassing the codec."""
@@ -336,7 +419,12 @@ class RawConnection:
         d = self.closed
         if self._is_open and self.protocol is not None:
             if self.protocol.state == WebSocketProtocol.STATE_OPEN:
-                self.protocol.sendClose(code, reason)
+                if code == 1000 or 3000 <= code <= 4999:
+                    self.protocol.sendClose(code, reason)
+                else:
+                    # sendClose refuses the 1xxx protocol codes (e.g. 1008 after a decrypt failure).
+                    reason_bytes = (reason or "").encode("utf-8")[:123]
+                    self.protocol.sendCloseFrame(code=code, reasonUtf8=reason_bytes, isReply=False)
             # else: a closing handshake is already under way
         else:
             self.abort()

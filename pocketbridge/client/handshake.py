@@ -1,25 +1,30 @@
 """
-The client side of the v1 handshake (PROTOCOL.md §4), sans-IO.
+The client side of the handshakes (PROTOCOL.md §4 for v1, §5 for v2), sans-IO.
 
 ``V1Handshake`` builds ``client_hello``, checks ``server_hello`` (formats,
 protocol version, the server's Ed25519 signature, optionally a pinned server
 key) and answers with ``client_auth``; then it checks
-``session_established``. It never touches a socket, so the §13 vectors can be
-fed to it directly (the ephemeral key and nonces are injectable).
+``session_established``. ``V2Handshake`` has the same three steps over the
+transcript hash TH, pins the server key (trust on first use), derives the
+channel keys and hands out the frame codec that must be installed before
+``client_auth`` goes out (it is the first encrypted frame). Neither touches a
+socket, so the §13 vectors can be fed to them directly (the ephemeral key and
+nonces are injectable).
 
-A v2 handshake will have the same three steps plus a frame codec to install
-after ``server_hello``; ``Client`` only relies on the methods below.
+``Client`` only relies on ``client_hello``, ``on_server_hello``, ``codec``
+and ``on_session_established``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pocketbridge import crypto
 from pocketbridge.client._util import is_wire_int
+from pocketbridge.client.connection import V2Codec
 from pocketbridge.client.keys import Identity
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -29,6 +34,24 @@ _HEX130 = re.compile(r"^[0-9a-fA-F]{130}$")
 
 class HandshakeError(Exception):
     """The server's side of the handshake was malformed or failed verification."""
+
+
+class ServerKeyChanged(HandshakeError):
+    """
+    v2: the server presented a (correctly signed) identity key that differs
+    from the one pinned for its address. Either someone is in the middle, or
+    the operator replaced the server key; only the user can tell, so the
+    client stops. Pass ``server_key=<new key>`` to accept a deliberate change.
+    """
+
+    def __init__(self, address: str, pinned: str, presented: str) -> None:
+        super().__init__(
+            "server key for {} changed: pinned {}, server presented {}; if the server key was replaced"
+            " on purpose, connect once with server_key={!r} to re-pin it".format(address, pinned, presented, presented)
+        )
+        self.address = address
+        self.pinned = pinned
+        self.presented = presented
 
 
 def envelope_payload(message: Any, expected_type: str) -> Dict[str, Any]:
@@ -146,6 +169,10 @@ class V1Handshake:
         self.state = "auth_sent"
         return _message("client_auth", self.client_auth_payload(), self.flat)
 
+    def codec(self) -> None:
+        """v1 has no channel encryption: keep the JSON codec."""
+        return None
+
     def client_digest(self) -> bytes:
         """The 32-byte digest the user key signs (§4.3); needs ``server_hello`` first."""
         assert self.nonce_s is not None and self.server_ephemeral_pub is not None
@@ -178,6 +205,189 @@ class V1Handshake:
             raise HandshakeError("session_established without an integer last_ack_device_seq")
         version = payload.get("protocol_version", 1)
         if not is_wire_int(version) or version != 1:
+            raise HandshakeError("session_established with protocol_version {!r}".format(version))
+        self.state = "established"
+        return dict(payload)
+
+
+def _check_server_hello_fields(payload: Mapping[str, Any]) -> Dict[str, str]:
+    """The four hex fields of a ``server_hello``, format-checked; HandshakeError otherwise."""
+    out: Dict[str, str] = {}
+    for name, pattern in (
+        ("server_ephemeral_pub", _HEX130),
+        ("nonce_s", _HEX64),
+        ("server_identity_pub", _HEX64),
+        ("server_signature", _HEX128),
+    ):
+        value = payload.get(name)
+        if not isinstance(value, str) or not pattern.match(value):
+            raise HandshakeError("invalid " + name)
+        out[name] = value
+    return out
+
+
+class V2Handshake:
+    """
+    One v2 handshake attempt (PROTOCOL.md §5). Use each instance for one
+    connection: ``client_hello()`` → ``on_server_hello(payload)`` (returns
+    ``client_auth``) → install ``codec()`` on the connection → send
+    ``client_auth`` through it → ``on_session_established(payload)``.
+
+    Server key trust, checked after the signature verifies:
+
+    - ``server_key`` (hex64) given: the server must present exactly this key;
+      it is then (re-)pinned. This is how a caller accepts a replaced key.
+    - else, when ``pins`` (a mutable mapping, e.g. ``DeviceKeys.server_pins``)
+      holds a key for ``server_address``: it must match, or ``ServerKeyChanged``.
+    - else: trust on first use; the key is stored in ``pins`` and
+      ``pin_status`` is ``"new"`` (the caller saves the key file).
+
+    ``resume_from`` (integer ≥ 0) goes into ``client_auth`` (§7.3).
+    """
+
+    protocol_version = 2
+
+    def __init__(
+        self,
+        identity: Identity,
+        device_id: str,
+        *,
+        device_name: Optional[str] = None,
+        device_type: Optional[str] = "cli",
+        server_key: Optional[str] = None,
+        pins: Optional[MutableMapping[str, str]] = None,
+        server_address: str = "",
+        resume_from: Optional[int] = None,
+        ephemeral: Optional[ec.EllipticCurvePrivateKey] = None,
+        nonce_c: Optional[str] = None,
+    ) -> None:
+        if resume_from is not None and (not is_wire_int(resume_from) or resume_from < 0):
+            raise ValueError("resume_from must be an integer >= 0")
+        self.identity = identity
+        self.device_id = device_id
+        self.device_name = device_name
+        self.device_type = device_type
+        self.server_key = server_key.lower() if server_key else None
+        self.pins = pins
+        self.server_address = server_address
+        self.resume_from = resume_from
+        self._ephemeral = ephemeral if ephemeral is not None else crypto.generate_ephemeral()
+        self.client_ephemeral_pub = crypto.point_bytes(self._ephemeral).hex()
+        self.nonce_c = nonce_c if nonce_c is not None else crypto.random_nonce_hex()
+        self.server_identity_pub: Optional[str] = None
+        self.server_ephemeral_pub: Optional[str] = None
+        self.nonce_s: Optional[str] = None
+        self.transcript: Optional[bytes] = None
+        self.k_c2s: Optional[bytes] = None
+        self.k_s2c: Optional[bytes] = None
+        #: How the server key was trusted: "new" (first use, now pinned),
+        #: "pinned" (matched the pin), "given" (matched ``server_key``).
+        self.pin_status: Optional[str] = None
+        self.state = "start"
+
+    def client_hello(self) -> Dict[str, Any]:
+        """The ``client_hello`` message (a text frame), announcing protocol_version 2."""
+        self.state = "hello_sent"
+        return {
+            "type": "client_hello",
+            "payload": {
+                "client_ephemeral_pub": self.client_ephemeral_pub,
+                "nonce_c": self.nonce_c,
+                "protocol_version": 2,
+            },
+        }
+
+    def on_server_hello(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
+        """
+        Verify a ``server_hello`` payload, derive the channel keys and return
+        the ``client_auth`` message, to be sent through ``codec()``.
+        HandshakeError on anything but protocol_version 2, a bad format or
+        signature; ``ServerKeyChanged`` when the pinned key does not match.
+        """
+        if self.state != "hello_sent":
+            raise HandshakeError("unexpected server_hello")
+        version = payload.get("protocol_version")
+        if not is_wire_int(version) or version != 2:
+            raise HandshakeError("server answered protocol_version {!r} to a v2 client_hello".format(version))
+        fields = _check_server_hello_fields(payload)
+        try:
+            server_point = crypto.load_point(bytes.fromhex(fields["server_ephemeral_pub"]))
+        except crypto.CryptoError as e:
+            raise HandshakeError("invalid server_ephemeral_pub") from e
+        identity_pub = fields["server_identity_pub"]
+        th = crypto.v2_transcript(
+            bytes.fromhex(self.client_ephemeral_pub),
+            bytes.fromhex(self.nonce_c),
+            bytes.fromhex(fields["server_ephemeral_pub"]),
+            bytes.fromhex(fields["nonce_s"]),
+            bytes.fromhex(identity_pub),
+        )
+        if not crypto.verify_ed25519(
+            bytes.fromhex(identity_pub), crypto.v2_server_message(th), bytes.fromhex(fields["server_signature"])
+        ):
+            raise HandshakeError("invalid server signature")
+        self._trust(identity_pub.lower())
+        self.transcript = th
+        self.k_c2s, self.k_s2c = crypto.v2_keys(th, crypto.ecdh(self._ephemeral, server_point))
+        self.server_identity_pub = identity_pub
+        self.server_ephemeral_pub = fields["server_ephemeral_pub"]
+        self.nonce_s = fields["nonce_s"]
+        self.state = "auth_sent"
+        return {"type": "client_auth", "payload": self.client_auth_payload()}
+
+    def _trust(self, presented: str) -> None:
+        """Apply the pinning rules of the class docstring to a verified key."""
+        if self.server_key is not None:
+            if presented != self.server_key:
+                raise HandshakeError("server identity key does not match the given server_key")
+            self.pin_status = "given"
+        else:
+            pinned = self.pins.get(self.server_address) if self.pins is not None else None
+            if pinned is not None and pinned.lower() != presented:
+                raise ServerKeyChanged(self.server_address, pinned.lower(), presented)
+            self.pin_status = "pinned" if pinned is not None else "new"
+        if self.pins is not None and self.pins.get(self.server_address) != presented:
+            self.pins[self.server_address] = presented
+
+    def client_message(self) -> bytes:
+        """The bytes the user key signs: label ‖ TH ‖ user_id(32) ‖ device_id(36 ASCII)."""
+        assert self.transcript is not None
+        return crypto.v2_client_message(
+            self.transcript, bytes.fromhex(self.identity.user_id), self.device_id.encode("ascii")
+        )
+
+    def client_auth_payload(self) -> Dict[str, Any]:
+        """The v2 ``client_auth`` payload (no ``nonce_c2``; ``resume_from`` when set)."""
+        payload: Dict[str, Any] = {
+            "user_id": self.identity.user_id,
+            "device_id": self.device_id,
+            "client_signature": self.identity.sign_hex(self.client_message()),
+        }
+        if self.device_name is not None:
+            payload["device_name"] = self.device_name
+        if self.device_type is not None:
+            payload["device_type"] = self.device_type
+        if self.resume_from is not None:
+            payload["resume_from"] = self.resume_from
+        return payload
+
+    def codec(self) -> V2Codec:
+        """The frame codec for this connection (after ``on_server_hello``): seal with k_c2s, open with k_s2c."""
+        if self.k_c2s is None or self.k_s2c is None:
+            raise HandshakeError("no channel keys before server_hello")
+        return V2Codec(self.k_c2s, self.k_s2c)
+
+    def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
+        """Check a ``session_established`` payload (the first encrypted server frame)."""
+        if self.state != "auth_sent":
+            raise HandshakeError("unexpected session_established")
+        if payload.get("device_id") != self.device_id.lower():
+            raise HandshakeError("session_established for another device_id")
+        last = payload.get("last_ack_device_seq")
+        if not is_wire_int(last) or last < 0:
+            raise HandshakeError("session_established without an integer last_ack_device_seq")
+        version = payload.get("protocol_version", 2)
+        if not is_wire_int(version) or version != 2:
             raise HandshakeError("session_established with protocol_version {!r}".format(version))
         self.state = "established"
         return dict(payload)

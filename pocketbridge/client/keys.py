@@ -7,7 +7,9 @@ the identity into a new device file with a fresh ``device_id``
 (``DeviceKeys.for_new_device``).
 
 The device file is JSON, written atomically with mode 0600. It holds the
-user seed, so nothing in this module logs or ``repr``s it.
+user seed, so nothing in this module logs or ``repr``s it. It also holds the
+v2 server pins (trust on first use, PROTOCOL.md §5): for each server address
+``host:port``, the ``server_identity_pub`` seen on the first v2 handshake.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import stat
 import uuid
 from typing import Any, Dict, Optional
+from urllib.parse import urlsplit
 
 import orjson
 from nacl.signing import SigningKey
@@ -36,6 +39,25 @@ _UUID = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
 
 class KeyFileError(Exception):
     """A device key file is missing, unreadable or malformed."""
+
+
+def server_address(url: str) -> str:
+    """
+    The pin key of a server URL: ``host:port`` in lowercase, with the scheme's
+    default port filled in (``ws://h/ws`` → ``h:80``; ``wss://h/ws`` → ``h:443``)
+    and IPv6 hosts in brackets. The path does not matter: one server per port.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if parts.scheme in ("wss", "https") else 80
+    if ":" in host:
+        host = "[{}]".format(host)
+    return "{}:{}".format(host, port)
 
 
 def default_keys_path() -> str:
@@ -115,6 +137,9 @@ class DeviceKeys:
     ``next_device_seq`` only grows; callers reserve a value (and save) before
     sending an event with it, so a crash never reuses a seq with another
     event_id (the server would drop that as a conflict, PROTOCOL.md §6).
+
+    ``server_pins`` maps a server address (``server_address(url)``) to the
+    hex64 ``server_identity_pub`` pinned for it by a v2 handshake.
     """
 
     def __init__(
@@ -125,6 +150,7 @@ class DeviceKeys:
         device_type: str = "cli",
         next_device_seq: int = 1,
         last_received_seq: int = 0,
+        server_pins: Optional[Dict[str, str]] = None,
     ) -> None:
         self.identity = identity
         self.device_id = device_id.lower()
@@ -132,6 +158,7 @@ class DeviceKeys:
         self.device_type = device_type
         self.next_device_seq = next_device_seq
         self.last_received_seq = last_received_seq
+        self.server_pins: Dict[str, str] = {k: v.lower() for k, v in (server_pins or {}).items()}
 
     @classmethod
     def generate(
@@ -149,13 +176,21 @@ class DeviceKeys:
         )
 
     def for_new_device(self, device_name: Optional[str] = None, device_type: str = "cli") -> "DeviceKeys":
-        """Another device of the same user: same identity, new ``device_id``, fresh counters."""
+        """Another device of the same user: same identity, new ``device_id``, fresh counters, no pins."""
         return DeviceKeys.generate(device_name=device_name, device_type=device_type, identity=self.identity)
 
     @property
     def user_id(self) -> str:
         """The user's hex64 public key."""
         return self.identity.user_id
+
+    def pinned_server_key(self, url: str) -> Optional[str]:
+        """The server key pinned for ``url``'s address, or None (not yet seen)."""
+        return self.server_pins.get(server_address(url))
+
+    def pin_server_key(self, url: str, server_identity_pub: str) -> None:
+        """Pin (or, deliberately, re-pin) the server key for ``url``'s address. Call ``save`` after."""
+        self.server_pins[server_address(url)] = server_identity_pub.lower()
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON document stored on disk (contains the secret seed)."""
@@ -168,6 +203,7 @@ class DeviceKeys:
             "device_type": self.device_type,
             "next_device_seq": self.next_device_seq,
             "last_received_seq": self.last_received_seq,
+            "server_pins": dict(sorted(self.server_pins.items())),
         }
 
     @classmethod
@@ -197,7 +233,12 @@ class DeviceKeys:
             if not is_wire_int(value) or not low <= value <= MAX_DEVICE_SEQ + 1:
                 raise KeyFileError("invalid " + field)
             counters.append(value)
-        return cls(identity, device_id, name, dtype, counters[0], counters[1])
+        pins = doc.get("server_pins", {})
+        if not isinstance(pins, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and _HEX64.match(v) for k, v in pins.items()
+        ):
+            raise KeyFileError("invalid server_pins")
+        return cls(identity, device_id, name, dtype, counters[0], counters[1], pins)
 
     def save(self, path: str) -> None:
         """

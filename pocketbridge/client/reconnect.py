@@ -5,6 +5,12 @@ Reconnecting with the close-code policy of PROTOCOL.md §11.
 retry or stop, and after how long). ``ReconnectingClient`` runs a ``Client``
 in a loop: connect, catch up, wait for the close, ask the policy, sleep.
 ``EventDeduper`` drops repeats (delivery is at-least-once, §7.2).
+
+Both protocol versions: a v2 ``Client`` reconnects with ``resume_from`` =
+its ``last_received_seq`` and dedupes replayed events itself, so a 1001 or
+4008 close loses nothing and repeats nothing. A v2 server key that no longer
+matches its pin (``ServerKeyChanged``) stops the loop like a 4003: retrying
+cannot fix it, and a user must decide.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pocketbridge.client.connection import ABNORMAL_CLOSE, ConnectionClosed
-from pocketbridge.client.handshake import HandshakeError
+from pocketbridge.client.handshake import HandshakeError, ServerKeyChanged
 from pocketbridge.client.session import Client
 
 log = Logger()
@@ -156,8 +162,9 @@ class ReconnectingClient:
 
     def run(self) -> "Deferred[None]":
         """
-        Fires with None after ``stop()``; fails with ``DeviceRevoked`` on 4003.
-        Other failures are retried for ever.
+        Fires with None after ``stop()``; fails with ``DeviceRevoked`` on 4003
+        and with ``ServerKeyChanged`` when a v2 server key does not match its
+        pin. Other failures are retried for ever.
         """
         return Deferred.fromCoroutine(self._run())
 
@@ -179,6 +186,8 @@ class ReconnectingClient:
             est = await self._current
         except ConnectionClosed as e:
             return e.code, e.reason, False
+        except ServerKeyChanged:
+            raise
         except HandshakeError as e:
             return None, "handshake failed: {}".format(e), False
         except (ConnectError, DNSLookupError, DeferTimeoutError) as e:

@@ -1,14 +1,22 @@
 """
-``Client``: the high-level v1 client (PROTOCOL.md §4, §6, §7).
+``Client``: the high-level client (PROTOCOL.md §4–§9), protocol v1 or v2.
 
 It runs the handshake over a ``RawConnection``, then dispatches every server
 message: acks resolve the Deferred of the event they belong to
 (``AckTracker``), events from other devices are recorded and (with
-``auto_ack``) acked with the sender's ``device_seq`` (§7.2), replay pages
-answer ``replay_request`` in order (§7.3).
+``auto_ack``) acknowledged, catch-up pages are collected (§7.3).
+
+- v1 (``protocol_version=1``, the default of the constructor, for
+  compatibility): acks carry the sender's ``device_seq``; pages answer
+  ``replay_request``s.
+- v2 (``Client.v2(...)``, ``Client.for_device(...)`` or
+  ``protocol_version=2``): an encrypted channel with a pinned server key,
+  typed errors (``EventRejected``), cumulative ``{seq}`` acks, server-pushed
+  catch-up ending in ``caught_up``, and ``resume_from`` on reconnect. The v2
+  half lives in ``session_v2.V2ClientMixin``.
 
 A ``Client`` can ``connect`` again after its connection closed; it keeps its
-``device_seq`` counter and history across connections.
+``device_seq`` counter, history and (v2) received-event ids across connections.
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from pocketbridge.client._util import WaitQueue, is_wire_int, uuid7
-from pocketbridge.client.acks import AckTracker
 from pocketbridge.client.connection import CloseInfo, ConnectionClosed, MalformedMessage, RawConnection
-from pocketbridge.client.handshake import HandshakeError, V1Handshake, envelope_payload
-from pocketbridge.client.keys import Identity
+from pocketbridge.client.handshake import HandshakeError, V1Handshake, V2Handshake, envelope_payload
+from pocketbridge.client.keys import DeviceKeys, Identity, server_address
 from pocketbridge.client.replay import ReplayPages
+from pocketbridge.client.session_v2 import V2ClientMixin
+from pocketbridge.client.v2 import CatchUp, SeenEvents, V2Outcomes
 
 log = Logger()
 
@@ -40,6 +49,21 @@ class _Omit:
 #: ``send_event(extra={"user_id": OMIT})`` sends the event without ``user_id``.
 OMIT = _Omit()
 
+
+class _Auto:
+    """Marker for ``connect(resume_from=AUTO)``."""
+
+    def __repr__(self) -> str:
+        """``AUTO``."""
+        return "AUTO"
+
+
+#: ``connect(resume_from=AUTO)``: v2 resumes from ``last_received_seq`` when it is known (> 0).
+AUTO = _Auto()
+
+#: The protocol version ``Client.for_device`` speaks unless told otherwise.
+DEFAULT_PROTOCOL_VERSION = 2
+
 Connector = Callable[[Any, str, Optional[Mapping[str, str]]], "Deferred[RawConnection]"]
 
 
@@ -48,15 +72,30 @@ def _default_connector(reactor: Any, url: str, headers: Optional[Mapping[str, st
     return RawConnection.open(reactor, url, headers)
 
 
-class Client:
+class Client(V2ClientMixin):
     """
-    A v1 PocketBridge client for one device of ``identity``.
+    A PocketBridge client for one device of ``identity``.
 
     ``device_id`` defaults to a new uuid4. ``next_device_seq`` seeds the
     counter; after ``connect`` it is at least ``last_ack_device_seq + 1``.
     With ``keep_history=False`` received events are not stored in
     ``events_received``/``messages`` nor queued for ``next_event`` (long-running
     watchers use ``on_event`` instead). Reactor thread only.
+
+    ``protocol_version`` is 1 by default here (existing callers); new code
+    uses ``Client.v2`` or ``Client.for_device`` (v2 by default). v2 options:
+
+    - ``keys``/``keys_path``: a ``DeviceKeys`` whose ``server_pins`` and
+      ``last_received_seq`` the client reads and updates (and saves to
+      ``keys_path`` when given: after a new pin, at each ``caught_up``, at most
+      every ``save_interval`` s otherwise, and on close). Without ``keys``
+      the pins live in ``server_pins`` for the client's lifetime.
+    - ``server_key``: accept exactly this server key (and re-pin it).
+    - ``last_received_seq``: the highest event ``seq`` received so far;
+      ``resume`` sends it as ``resume_from`` when reconnecting.
+    - ``ack_interval`` (s): 0 acks after each page and each live event;
+      more coalesces live acks to one per interval.
+    - ``on_resync(payload)``: called on ``resync_required`` (§7.3).
     """
 
     def __init__(
@@ -77,8 +116,19 @@ class Client:
         on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
         handshake_timeout: float = 30.0,
         connector: Optional[Connector] = None,
-        handshake_factory: Optional[Callable[["Client"], V1Handshake]] = None,
+        handshake_factory: Optional[Callable[["Client"], Any]] = None,
+        protocol_version: int = 1,
+        keys: Optional[DeviceKeys] = None,
+        keys_path: Optional[str] = None,
+        last_received_seq: Optional[int] = None,
+        resume: bool = True,
+        ack_interval: float = 0.0,
+        save_interval: float = 2.0,
+        on_resync: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None:
+        if protocol_version not in (1, 2) or not is_wire_int(protocol_version):
+            raise ValueError("protocol_version must be 1 or 2")
+        self.protocol_version = protocol_version
         self.reactor = reactor
         self.url = url
         self.identity = identity
@@ -100,33 +150,100 @@ class Client:
         self.events_received: List[Dict[str, Any]] = []
         self.messages: List[Any] = []
         self.unsolicited_pages: List[Dict[str, Any]] = []
-        self.last_seq = 0
         self.close_info: Optional[CloseInfo] = None
         self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
         self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
+        # v2 state that lives across connections
+        self.keys = keys
+        self.keys_path = keys_path
+        self.server_pins: Dict[str, str] = keys.server_pins if keys is not None else {}
+        if last_received_seq is None:
+            last_received_seq = keys.last_received_seq if keys is not None else 0
+        self.last_seq = last_received_seq
+        self.resume = resume
+        self.ack_interval = ack_interval
+        self.save_interval = save_interval
+        self.on_resync = on_resync
+        self.errors: List[Dict[str, Any]] = []
+        self.resync: Optional[Dict[str, Any]] = None
+        self.expiring: Optional[Dict[str, Any]] = None
+        self.pin_status: Optional[str] = None
+        self._seen = SeenEvents()
+        self._resume_from: Optional[int] = None
+        self._ack_call: Any = None
+        self._last_save = 0.0
         self._reset_connection_state()
 
+    @classmethod
+    def v2(cls, reactor: Any, url: str, identity: Identity, *args: Any, **kwargs: Any) -> "Client":
+        """The same arguments as the constructor, speaking protocol v2."""
+        kwargs["protocol_version"] = 2
+        return cls(reactor, url, identity, *args, **kwargs)
+
+    @classmethod
+    def for_device(
+        cls, reactor: Any, url: str, keys: DeviceKeys, *, keys_path: Optional[str] = None,
+        protocol_version: int = DEFAULT_PROTOCOL_VERSION, **kwargs: Any,
+    ) -> "Client":
+        """
+        A client for the device in ``keys`` (v2 unless ``protocol_version=1``):
+        its identity, device_id, name, type and counters; pins and
+        ``last_received_seq`` are kept in ``keys`` and saved to ``keys_path``.
+        """
+        kwargs.setdefault("next_device_seq", keys.next_device_seq)
+        return cls(
+            reactor, url, keys.identity, device_id=keys.device_id, device_name=keys.device_name,
+            device_type=keys.device_type, keys=keys, keys_path=keys_path, protocol_version=protocol_version,
+            **kwargs,
+        )
+
     def _reset_connection_state(self, last_ack_device_seq: int = 0) -> None:
-        """Fresh per-connection bookkeeping (acks, replay pages)."""
-        self._acks = AckTracker()
+        """Fresh per-connection bookkeeping (acks, replay pages, v2 catch-up and ack cursor)."""
+        self._acks = V2Outcomes()
         self._replay = ReplayPages(last_ack_device_seq)
         self._last_acked_own = last_ack_device_seq
+        self._catchup = CatchUp()
+        self._conn_highest = 0
+        self._conn_acked = 0
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
 
     # ------------------------------------------------------------ handshake
 
-    def connect(self) -> "Deferred[Dict[str, Any]]":
+    def connect(self, resume_from: Any = AUTO) -> "Deferred[Dict[str, Any]]":
         """
-        Open the socket and run the v1 handshake; fires with the
+        Open the socket and run the handshake; fires with the
         ``session_established`` payload. Fails with ``ConnectionClosed``
         (the server closed, e.g. 1008 or 4029), ``HandshakeError`` (bad
-        server_hello; the socket is then closed 1000) or the connect error.
+        server_hello, or v2 ``ServerKeyChanged``; the socket is then closed
+        1000) or the connect error.
+
+        v2: ``resume_from`` goes into ``client_auth``: ``AUTO`` sends
+        ``last_received_seq`` when ``resume`` is on and it is > 0, None sends
+        nothing (the server's cursor decides), an integer sends that.
         """
+        if resume_from is AUTO:
+            self._resume_from = self.last_seq if self.resume and self.last_seq > 0 else None
+        else:
+            self._resume_from = resume_from
         return Deferred.fromCoroutine(self._connect())
 
-    def _make_handshake(self) -> V1Handshake:
+    def _make_handshake(self) -> Any:
         """The handshake object for one connection."""
         if self._handshake_factory is not None:
             return self._handshake_factory(self)
+        if self.protocol_version == 2:
+            return V2Handshake(
+                self.identity,
+                self.device_id,
+                device_name=self.device_name,
+                device_type=self.device_type,
+                server_key=self.server_key,
+                pins=self.server_pins,
+                server_address=server_address(self.url),
+                resume_from=self._resume_from,
+            )
         return V1Handshake(
             self.identity,
             self.device_id,
@@ -160,18 +277,26 @@ class Client:
         self.session = est
         self._reset_connection_state(est["last_ack_device_seq"])
         self._next_device_seq = max(self._next_device_seq, est["last_ack_device_seq"] + 1)
+        if self.protocol_version == 2:
+            self.pin_status = getattr(handshake, "pin_status", None)
+            if self.pin_status in ("new", "given"):
+                self._v2_persist(force=True)
         raw.set_receiver(self._dispatch, self._malformed)
         raw.closed.addCallback(self._connection_closed)
         return est
 
-    async def _handshake(self, raw: RawConnection, handshake: V1Handshake) -> Dict[str, Any]:
+    async def _handshake(self, raw: RawConnection, handshake: Any) -> Dict[str, Any]:
         """Drive ``handshake`` to ``session_established`` over ``raw``."""
         raw.send_json(handshake.client_hello())
         while True:
             message = await raw.next_message(timeout=self.handshake_timeout)
             msg_type = message.get("type") if isinstance(message, dict) else None
             if msg_type == "server_hello":
-                raw.send_json(handshake.on_server_hello(envelope_payload(message, "server_hello")))
+                auth = handshake.on_server_hello(envelope_payload(message, "server_hello"))
+                codec = handshake.codec() if hasattr(handshake, "codec") else None
+                if codec is not None:
+                    raw.set_codec(codec)  # v2: client_auth is the first encrypted frame
+                raw.send_json(auth)
             elif msg_type == "session_established":
                 return handshake.on_session_established(envelope_payload(message, "session_established"))
             else:
@@ -187,7 +312,9 @@ class Client:
         payload = message.get("payload") if isinstance(message, dict) else None
         if not isinstance(payload, dict):
             payload = {}
-        if msg_type == "event":
+        if self.protocol_version == 2:
+            self._v2_handle(msg_type, payload)
+        elif msg_type == "event":
             self._receive_event(payload)
         elif msg_type == "ack":
             if self._acks.match(payload):
@@ -205,7 +332,10 @@ class Client:
                 self._watchers.append((wanted, d))
 
     def _malformed(self, exc: MalformedMessage) -> None:
-        """An undecodable server frame after authentication: log and go on."""
+        """An undecodable server frame after authentication: v1 logs and goes on; v2 closes."""
+        if self.protocol_version == 2:
+            self._v2_malformed(exc)
+            return
         log.warn("Ignoring a malformed server frame after authentication")
 
     def _receive_event(self, event: Dict[str, Any]) -> None:
@@ -239,6 +369,8 @@ class Client:
         """Fail everything waiting on this connection."""
         self.close_info = info
         exc = ConnectionClosed(*info)
+        if self.protocol_version == 2:
+            self._v2_closed(exc)
         self._acks.fail_all(exc)
         self._replay.fail_all(exc)
         self._events.fail(exc)
@@ -312,9 +444,11 @@ class Client:
     ) -> "Deferred[Dict[str, Any]]":
         """
         Send one event; the Deferred fires with its ack payload (``seq``,
-        ``stream_seq``, or ``dropped``). ``extra`` overrides or, with
-        ``OMIT``, removes fields. ``timeout`` (s) fails it with
-        ``defer.TimeoutError``; a close fails it with ``ConnectionClosed``.
+        ``stream_seq``, or v1 ``dropped``) or, v2, fails with
+        ``EventRejected(code, message)`` for the typed error that answers it.
+        ``extra`` overrides or, with ``OMIT``, removes fields. ``timeout``
+        (s) fails it with ``defer.TimeoutError``; a close fails it with
+        ``ConnectionClosed``.
         """
         try:
             raw = self._connected()
@@ -343,6 +477,8 @@ class Client:
                 payload.pop(key, None)
             else:
                 payload[key] = value
+        if self.keys is not None and is_wire_int(device_seq):
+            self.keys.next_device_seq = max(self.keys.next_device_seq, device_seq + 1)
         d = self._acks.expect(payload.get("event_id"), payload.get("device_seq"))
         raw.send_json({"type": "event", "payload": payload})
         if timeout is not None:
@@ -368,7 +504,13 @@ class Client:
         )
 
     def ack(self, device_seq: int) -> None:
-        """Send a v1 ack for a received event: the SENDER's ``device_seq`` (§7.2)."""
+        """
+        v1: ack a received event with the SENDER's ``device_seq`` (§7.2).
+        v2: the argument is a ``seq``; same as ``ack_seq``.
+        """
+        if self.protocol_version == 2:
+            self.ack_seq(device_seq)
+            return
         self._connected().send_json({"type": "ack", "payload": {"device_seq": device_seq}})
 
     def replay_request(
@@ -377,13 +519,24 @@ class Client:
         last_ack_device_seq: Optional[int] = None,
         continuation_token: Optional[str] = None,
         *,
+        resume_from: Optional[int] = None,
         timeout: Optional[float] = None,
-    ) -> "Deferred[Dict[str, Any]]":
+    ) -> "Deferred[Any]":
         """
-        Send a v1 ``replay_request``; fires with the page that answers it
+        v1: send a ``replay_request``; fires with the page that answers it
         (pages answer requests in order; an unsolicited first page is kept in
         ``unsolicited_pages`` and does not count as an answer).
+
+        v2: ``replay_request(resume_from=S)`` asks for everything after ``S``
+        again (§7.3); fires with the head ``H`` of the ``caught_up`` that ends
+        the restarted catch-up. The ids above ``S`` are forgotten, so those
+        events reach ``next_event``/``on_event`` again. Sent once any running
+        catch-up has ended (see ``v2.CatchUp``).
         """
+        if self.protocol_version == 2:
+            if resume_from is None:
+                raise TypeError("a v2 replay_request needs resume_from")
+            return self._v2_replay_request(resume_from, timeout)
         try:
             raw = self._connected()
         except ConnectionClosed as e:
@@ -403,10 +556,14 @@ class Client:
 
     def catch_up(self, limit: int = 100, timeout: Optional[float] = None) -> "Deferred[List[Dict[str, Any]]]":
         """
-        Request pages until one has ``has_more: false``; fires with the events
-        replayed on this connection since the last ``catch_up`` (the
-        unsolicited first page included). Live events are not in the list.
+        Fires with the events replayed on this connection since the last
+        ``catch_up`` once the backlog is done; live events are not in the list.
+        v1: requests pages (``limit`` each) until one has ``has_more: false``
+        (the unsolicited first page included). v2: waits for ``caught_up``
+        (the server pushes the pages; ``limit`` is unused).
         """
+        if self.protocol_version == 2:
+            return self._v2_catch_up(timeout)
         return Deferred.fromCoroutine(self._catch_up(limit, timeout))
 
     async def _catch_up(self, limit: int, timeout: Optional[float]) -> List[Dict[str, Any]]:
@@ -422,6 +579,8 @@ class Client:
 
     def close(self, code: int = 1000, reason: Optional[str] = None) -> "Deferred[CloseInfo]":
         """Close the socket; fires with ``(code, reason)`` once closed."""
+        if self.protocol_version == 2 and self.auto_ack and self.raw is not None and self.raw.close_info is None:
+            self._v2_flush_ack()  # a coalesced ack still due goes out before the close frame
         if self.raw is None:
             return succeed((1000, "never connected"))
         return self.raw.close(code, reason)
