@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -92,11 +92,12 @@ class GatewayProtocol(WebSocketServerProtocol):
 
     # -------------------------------------------------------------- connection
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> "Deferred[None]":  # type: ignore[override]  # Autobahn waits on a Deferred
         node = self.factory.node
         self.node = node
         forwarded = request.headers.get("x-forwarded-for")
-        self.ip = client_ip(self.transport.getPeer().host, forwarded, node.trusted_proxies)
+        transport: Any = self.transport  # the TCP transport: getPeer() has .host
+        self.ip = client_ip(transport.getPeer().host, forwarded, node.trusted_proxies)
         if node.draining:
             raise ConnectionDeny(503, "Server draining")
         return Deferred.fromCoroutine(self._admit())
@@ -119,7 +120,7 @@ class GatewayProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         node = self.node
         try:
-            self.transport.setTcpNoDelay(True)
+            cast(Any, self.transport).setTcpNoDelay(True)
         except Exception:
             pass
         metrics.CONNECTIONS.labels(state="open").inc()
@@ -154,14 +155,14 @@ class GatewayProtocol(WebSocketServerProtocol):
         # Read again (a paused socket would never see the peer's close reply);
         # the session ignores any frame that still arrives.
         if self.transport is not None and self.paused_since is not None:
-            self.transport.resumeProducing()
+            cast(Any, self.transport).resumeProducing()
             self.reading_paused(False)
         if code == 1008 and reason == "Heartbeat timeout":
             self.timers.append(self.node.clock.callLater(5, self._drop))
 
     def _drop(self) -> None:
         if not self.gone and self.transport is not None:
-            self.transport.abortConnection()
+            cast(Any, self.transport).abortConnection()
 
     # -------------------------------------------------------------- frames
 
@@ -170,9 +171,10 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.gone:
             return
         if self.cipher_in is not None:
-            payload = self._decrypt(payload, isBinary)
-            if payload is None:
+            decrypted = self._decrypt(payload, isBinary)
+            if decrypted is None:
                 return
+            payload = decrypted
         try:
             msg_type, fields = wire.parse_message(payload)
         except Malformed:
@@ -368,7 +370,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.close(1011, "Internal error")
 
     def _register_outbound(self) -> None:
-        t = self.transport
+        t: Any = self.transport  # the TCP transport (producer API, bufferSize)
         try:
             if getattr(t, "producer", None) is not None:
                 t.unregisterProducer()
@@ -482,12 +484,12 @@ class _Conn:
 
     def pause_reading(self) -> None:
         if not self.proto.gone:
-            self.proto.transport.pauseProducing()
+            cast(Any, self.proto.transport).pauseProducing()
             self.proto.reading_paused(True)
 
     def resume_reading(self) -> None:
         if not self.proto.gone:
-            self.proto.transport.resumeProducing()
+            cast(Any, self.proto.transport).resumeProducing()
             self.proto.reading_paused(False)
 
 
@@ -503,7 +505,7 @@ def make_factory(node: Any) -> WebSocketServerFactory:
     """The Autobahn factory for ``/ws``: no compression, close frames on protocol errors."""
     factory = WebSocketServerFactory()
     factory.protocol = GatewayProtocol
-    factory.node = node
+    factory.node = node  # type: ignore[attr-defined]  # read by GatewayProtocol.onConnect
     factory.setProtocolOptions(
         failByDrop=False,
         autoPingInterval=0,

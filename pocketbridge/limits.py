@@ -141,7 +141,7 @@ class RedisLimits:
         return self._bucket_op("peek", name, key, rate, burst, n)
 
     def charge(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
-        d = self._bucket_op("charge", name, key, rate, burst, n)
+        d: "Deferred[Any]" = self._bucket_op("charge", name, key, rate, burst, n)
         d.addCallback(lambda _: None)
         return d
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
 _state = {"level": LogLevel.info}
 
@@ -25,7 +25,7 @@ def install_level_filter(level: LogLevel) -> None:
 
     for obs in observers:
         globalLogPublisher.removeObserver(obs)
-    globalLogPublisher.addObserver(filtered)
+    globalLogPublisher.addObserver(cast(ILogObserver, filtered))
     globalLogPublisher._pb_filtered = True  # type: ignore[attr-defined]
 
 

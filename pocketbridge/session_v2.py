@@ -257,6 +257,7 @@ class V2Session(Session):
         self.slow_timer = None
         if self.closed:
             return
+        assert self.head is not None  # set before _push scheduled this check, never reset to None
         waiting = bool(self.held) or self.pos < (self.head if self.catching_up else self.known_head)
         if not waiting or not self.unacked:
             return

@@ -268,7 +268,7 @@ def _one_line(e: BaseException) -> str:
 def _set_log_level(level: str) -> None:
     import txaio
 
-    txaio.set_global_log_level({"warn": "warn", "critical": "critical"}.get(level, level))
+    txaio.set_global_log_level({"warn": "warn", "critical": "critical"}.get(level, level))  # type: ignore[attr-defined]  # exists at runtime
     from twisted.logger import LogLevel
 
     from .logging import install_level_filter

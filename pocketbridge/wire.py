@@ -8,7 +8,7 @@ code and reason the gateway sends when a rule is broken.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple, TypeGuard
 
 import orjson
 
@@ -36,6 +36,7 @@ def _depth_ok(value: Any) -> bool:
     # Iterative walk: a recursive one could itself hit Python's limit.
     # Depth counts containers: [[1]] is 2 deep.
     stack = [(value, 1)]
+    children: Iterable[Any]
     while stack:
         v, d = stack.pop()
         if isinstance(v, dict):
@@ -95,12 +96,12 @@ def int_in(value: Any, low: int, high: int) -> Optional[int]:
     return None
 
 
-def is_uuid(value: Any) -> bool:
+def is_uuid(value: Any) -> TypeGuard[str]:
     """True for a UUID string in either case."""
     return isinstance(value, str) and UUID_RE.match(value) is not None
 
 
-def is_hex(value: Any, pattern: "re.Pattern[str]") -> bool:
+def is_hex(value: Any, pattern: "re.Pattern[str]") -> TypeGuard[str]:
     """True when ``value`` is a string matching the hex pattern."""
     return isinstance(value, str) and pattern.match(value) is not None
 

@@ -14,7 +14,7 @@ counter per direction, PROTOCOL.md §5), which a v2 handshake installs with
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -433,4 +433,4 @@ class RawConnection:
     def abort(self) -> None:
         """Drop the TCP connection without a closing handshake."""
         if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.abortConnection()
+            cast(Any, self.protocol.transport).abortConnection()  # the TCP transport (ITransport lacks it)

@@ -6,7 +6,7 @@ A small REST client for the PocketBridge HTTP API with PB-Ed25519 signing
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import orjson
 import treq
@@ -59,7 +59,7 @@ class RestClient:
     ) -> RestResponse:
         """Send one request; ``body`` is JSON-encoded unless ``raw_body`` is given."""
         data = raw_body if raw_body is not None else (orjson.dumps(body) if body is not None else b"")
-        h: Dict[str, Any] = {"Content-Type": ["application/json"]}
+        h: Dict[Union[bytes, str], List[Union[bytes, str]]] = {"Content-Type": ["application/json"]}
         if sign and self.identity is not None and self.device_id is not None:
             h["Authorization"] = [authorization(self.identity, self.device_id, method, path, data, ts_ms)]
         for k, v in (headers or {}).items():

@@ -23,8 +23,8 @@ import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.test import iosim
 from zope.interface import implementer
 
@@ -46,7 +46,7 @@ class LoopbackEndpoint:
         self.pumps: List[iosim.IOPump] = []
         self.refuse_next: Optional[BaseException] = None
 
-    def connect(self, protocol_factory: Factory) -> "Deferred[Protocol]":
+    def connect(self, protocol_factory: IProtocolFactory) -> "Deferred[IProtocol]":
         """Connect at once (or fail with ``refuse_next`` once)."""
         if self.refuse_next is not None:
             exc, self.refuse_next = self.refuse_next, None
@@ -105,7 +105,7 @@ class ScriptedServerProtocol(WebSocketServerProtocol):
 class _ScriptedFactory(WebSocketServerFactory):
     """The server factory, pointing back at its ScriptedServer."""
 
-    protocol = ScriptedServerProtocol
+    protocol = ScriptedServerProtocol  # type: ignore[assignment]  # its factory is declared as _ScriptedFactory
 
     def __init__(self, script: "ScriptedServer", clock: Any) -> None:
         super().__init__("ws://test/ws", reactor=clock)

@@ -115,7 +115,7 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
     def _execute(self, txn: Any, sql: str, params: Sequence[Any] = ()) -> None:
         txn.execute(self._sql(sql), tuple(params))
 
-    def _executemany(self, txn: Any, sql: str, rows: List[Sequence[Any]]) -> None:
+    def _executemany(self, txn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         txn.executemany(self._sql(sql), rows)
 
     def run(self, description: str, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
@@ -179,7 +179,7 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
 
     def ping(self) -> "Deferred[bool]":
         """A trivial query, for /health."""
-        return self.run("ping", lambda txn: (self._execute(txn, "SELECT 1"), True)[1])
+        return self.run("ping", lambda txn: (self._execute(txn, "SELECT 1"), True)[1])  # type: ignore[func-returns-value]  # tuple: query, then True
 
     # -------------------------------------------------------------- devices
 
