@@ -60,6 +60,7 @@ class Checked:
     device_seq: Optional[int] = None
     event_id: Optional[str] = None
     payload_size: int = 0
+    code: str = "invalid_event"  # the v2 error code of a rejection
 
 
 def check_event(
@@ -98,8 +99,8 @@ def check_event(
     if type(dseq) is not int or not 1 <= dseq <= MAX_DEVICE_SEQ:
         return Checked(Verdict.NO_SEQ, "device_seq must be an integer 1..2^53-1", payload_size=size, event_id=event_id)
 
-    def invalid(reason: str) -> Checked:
-        return Checked(Verdict.INVALID, reason, device_seq=dseq, event_id=event_id, payload_size=size)
+    def invalid(reason: str, code: str = "invalid_event") -> Checked:
+        return Checked(Verdict.INVALID, reason, device_seq=dseq, event_id=event_id, payload_size=size, code=code)
 
     if not is_uuid(raw_event_id):
         return invalid("event_id must be a UUID")
@@ -113,8 +114,10 @@ def check_event(
     etype = fields.get("type")
     if not isinstance(etype, str) or not TYPE_RE.match(etype):
         return invalid("type is malformed")
-    if not isinstance(payload, str) or not 1 <= len(payload) <= max_payload_bytes:
-        return invalid("encrypted_payload missing or too large")
+    if not isinstance(payload, str) or not payload:
+        return invalid("encrypted_payload missing")
+    if len(payload) > max_payload_bytes:
+        return invalid("encrypted_payload over max_payload_bytes", "payload_too_large")
     if len(payload) % 4 != 0 or not B64_RE.match(payload):
         return invalid("encrypted_payload is not padded base64")
     ttl = fields.get("ttl")

@@ -214,9 +214,9 @@ class Session:
                 self._answer_now(frame)
             return
         if checked.verdict is Verdict.INVALID:
-            metrics.EVENTS_REJECTED.labels(reason="invalid_event").inc()
+            metrics.EVENTS_REJECTED.labels(reason=checked.code).inc()
             log.info("event rejected: {reason}", reason=checked.reason)
-            self._answer_now(self._rejected_frame("invalid_event", checked.reason, checked.device_seq, checked.event_id))
+            self._answer_now(self._rejected_frame(checked.code, checked.reason, checked.device_seq, checked.event_id))
             return
         slot = _Slot()
         self.outcomes.append(slot)

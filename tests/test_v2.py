@@ -433,6 +433,52 @@ class V2Tests(_Base):
         after = await a.send_event(STREAM, TYPE, "C" * 100, timeout=TIMEOUT)
         self.assertEqual((first["seq"], after["seq"]), (1, 2))
 
+    async def test_payload_too_large_is_a_typed_error(self) -> None:
+        """An encrypted_payload over max_payload_bytes is answered with payload_too_large (event_id, device_seq); the socket stays open."""
+        server = await self.start(["--max-payload-bytes", "1000", "--max-message-bytes", "200000"])
+        a = await self.online(server, Identity.generate())
+        event_id = new_id()
+        with self.assertRaises(EventRejected) as caught:
+            await a.send_event(STREAM, TYPE, "A" * 1004, event_id=event_id, timeout=TIMEOUT)
+        self.assertEqual(caught.exception.code, "payload_too_large")
+        self.assertEqual((caught.exception.payload["event_id"], caught.exception.payload["device_seq"]), (event_id, 1))
+        stored = await a.send_event(STREAM, TYPE, "A" * 1000, timeout=TIMEOUT)
+        self.assertEqual(stored["seq"], 1)
+
+    async def test_acked_events_survive_a_server_crash_and_resume_delivers_the_rest(self) -> None:
+        """After kill -9 and a restart every acked upload is stored, an ack given before a clean disconnect holds, and a device that crashed with the server still gets everything (at least once, in seq order)."""
+        server = await self.start()
+        user = Identity.generate()
+        a = await self.online(server, user)
+        acks = await self.upload(a, 40)
+        self.assertEqual([x["seq"] for x in acks], list(range(1, 41)))
+        # B acks 25 and disconnects cleanly: its cursor is written on disconnect.
+        b = self.device(server, user, auto_ack=False)
+        await b.connect()
+        got = await self.receive(b, 40)
+        b.ack_seq(got[24]["seq"])
+        await self.barrier(b)
+        await b.close()
+        await sleep(0.5)
+        # C acks 10 and is still connected when the server dies: its batched
+        # cursor write may be lost with the process.
+        c = self.device(server, user, auto_ack=False)
+        await c.connect()
+        got_c = await self.receive(c, 40)
+        c.ack_seq(got_c[9]["seq"])
+        await self.barrier(c)
+        await server.kill9()
+        await server.restart()
+        b2 = await self.online(server, user, device_id=b.device_id)
+        self.assertEqual(seqs(wire_events(b2)), list(range(26, 41)))
+        c2 = await self.online(server, user, device_id=c.device_id, resume=False)
+        got_c2 = seqs(wire_events(c2))
+        self.assertEqual(got_c2, sorted(set(got_c2)))
+        self.assertTrue(set(range(11, 41)) <= set(got_c2), got_c2)
+        a2 = await self.online(server, user, device_id=a.device_id)
+        more = await a2.send_event(STREAM, TYPE, b64(), timeout=TIMEOUT)
+        self.assertEqual(more["seq"], 41)
+
     # ------------------------------------------------------------ 3. catch-up and delivery (§7)
 
     async def test_caught_up_with_empty_backlog(self) -> None:
