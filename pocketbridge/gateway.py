@@ -86,6 +86,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.paused_total = 0.0
         self.stall_mark: Optional[int] = None
         self.failure_wait = 0.0
+        self.established = False
         self.cipher_in: Optional[crypto.FrameCipher] = None
         self.cipher_out: Optional[crypto.FrameCipher] = None
         self.session_id = uuid.uuid4().hex
@@ -289,18 +290,14 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.close(4029, "Too many sockets for this user; retry after 30 s")
             return
         now = node.now_ms()
-        device, created = await storage.register_device(auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
-        if self.gone:
-            return
-        if device.revoked_at is not None:
-            self._handshake_failed(4003, "Device revoked", "revoked")
-            return
         session_class = V2Session if auth.protocol_version == 2 else Session
         session = session_class(
             node, _Conn(self), auth.user_id, auth.device_id, self.session_id, auth.protocol_version,
-            device.name, device.type,
+            auth.device_name, auth.device_type,
         )
-        node.hub.attach(session)  # subscribe first, then read the head (§7.3)
+        # Subscribe first, then read the head (§7.3): whatever commits after the
+        # head read reaches this session live.
+        node.hub.attach(session)
         self.session = session
         # Frames that arrived during the handshake go first, in arrival order;
         # the session holds them until the head is known.
@@ -308,14 +305,20 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.authenticating = False
         for msg_type, fields in queued:
             session.on_frame(msg_type, fields)
+        device, created, head, purged_below = await storage.register_and_read_head(
+            auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
+        if self.gone:
+            return
+        if device.revoked_at is not None:  # revoked between the two reads
+            self._handshake_failed(4003, "Device revoked", "revoked")
+            return
+        # Name and type are those stored at registration (§4.4), not this handshake's.
+        session.device_name, session.device_type = device.name, device.type
         try:
             online = await presence.add(auth.user_id, auth.device_id, self.session_id, now)
         except Exception as e:
             log.warn("presence unavailable: {error}", error=str(e))
             online = False
-        if self.gone:
-            return
-        head, purged_below = await storage.user_state(auth.user_id)
         if self.gone:
             return
         node.hub.known_head(auth.user_id, head)
@@ -332,7 +335,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         }))
         metrics.HANDSHAKES.labels(result="ok").inc()
         metrics.CONNECTIONS.labels(state="authenticated").inc()
-        log.info("session {session_id} established (v{version}, new device: {created})",
+        self.established = True
+        log.debug("session {session_id} established (v{version}, new device: {created})",
                  session_id=self.session_id, version=auth.protocol_version, created=created)
         self.maxMessagePayloadSize = s.max_message_bytes
         self.maxFramePayloadSize = s.max_message_bytes
@@ -447,7 +451,8 @@ class GatewayProtocol(WebSocketServerProtocol):
         metrics.CONNECTIONS.labels(state="open").dec()
         session = self.session
         if session is not None:
-            metrics.CONNECTIONS.labels(state="authenticated").dec()
+            if self.established:
+                metrics.CONNECTIONS.labels(state="authenticated").dec()
             session.lost()
             node.hub.detach(session)
             node.cursors.flush()

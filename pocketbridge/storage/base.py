@@ -221,6 +221,18 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
             )
         return device, created
 
+    def register_and_read_head(
+        self, user_id: str, device_id: str, name: Optional[str], dtype: str, now: int
+    ) -> "Deferred[Tuple[DeviceState, bool, int, int]]":
+        """``register_device`` and ``user_state`` in one transaction: (device, created, head, purged_below)."""
+
+        def both(txn: Any) -> Tuple[DeviceState, bool, int, int]:
+            device, created = self._txn_register(txn, user_id, device_id, name, dtype, now)
+            head, purged = self._txn_user_state(txn, user_id)
+            return device, created, head, purged
+
+        return self.run("register_and_read_head", both)
+
     def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[DeviceState]]":
         """The device row, or None."""
         return self.run("get_device", self._txn_get_device, user_id, device_id)
