@@ -1,0 +1,385 @@
+"""
+``pocketbridge-bench``: measure a running PocketBridge server and raw
+baselines on the same machine, in the same run.
+
+    pocketbridge-bench --url http://127.0.0.1:3001 [--url2 URL] [--server-pid PID]
+                       [--quick] [--json] [--scenarios memory,handshakes,events,...]
+
+Scenarios (run in this order; names or numbers): 4 ``memory``, 1
+``handshakes``, 2 ``events``, 3 ``latency``, 6 ``fanout``, 5 ``catchup``,
+7 ``two_nodes`` (needs ``--url2``; part of the default only when it is given). ``memory`` needs ``--server-pid`` and
+runs first because memory freed by other scenarios would hide the growth.
+The server must run with raised limits (docs/benchmarks.md has the command).
+
+Every measurement runs in its own child process (``runner``); baselines run
+first, while the server is idle. Progress goes to stderr; the result (a
+table, or one JSON object with ``--json``) to stdout. Exit status 1 if a
+measurement failed (its keys are then null), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import orjson
+
+from pocketbridge.bench import baseline_store, baseline_ws, report
+from pocketbridge.bench import scenario_connections as conns
+from pocketbridge.bench import scenario_events as flows
+from pocketbridge.bench.load import http_url, ws_url
+from pocketbridge.bench.runner import error_of, raise_fd_limit, run_child, run_sharded
+from pocketbridge.bench.stats import CPU_KEYS
+
+SCENARIOS = ("memory", "handshakes", "events", "latency", "fanout", "catchup", "two_nodes")
+NUMBERS = {"1": "handshakes", "2": "events", "3": "latency", "4": "memory", "5": "catchup", "6": "fanout",
+           "7": "two_nodes"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much load each scenario generates; ``--quick`` and the size options pick these."""
+
+    handshakes: int = 3000
+    concurrency: int = 100
+    connections: Sequence[int] = (1000, 5000)
+    duration: float = 20.0
+    warmup: float = 3.0
+    users: int = 20
+    window: int = 16
+    payload_bytes: int = 256
+    rate: float = 500.0
+    rate_duration: float = 30.0
+    backlog: int = 100_000
+    catchup_limit: int = 1000
+    fanout_devices: int = 10
+    baseline_duration: float = 5.0
+    client_procs: int = 1
+
+
+FULL = Sizes()
+QUICK = dataclasses.replace(FULL, handshakes=1000, duration=8.0, warmup=2.0, rate_duration=10.0, backlog=10_000,
+                            baseline_duration=2.0)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="pocketbridge-bench", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:3001 (ws:// also accepted)")
+    p.add_argument("--url2", help="a second node of the same cluster (scenario two_nodes)")
+    p.add_argument("--server-pid", type=int, help="pid of the --url server (RSS and CPU readings)")
+    p.add_argument("--server-pid2", type=int, help="pid of the --url2 server (CPU readings)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes; finishes in under 3 minutes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--scenarios", default=None,
+                   help="comma list of scenario names or numbers (default: all; two_nodes only with --url2)")
+    p.add_argument("--storage", choices=("postgresql", "sqlite"), default="postgresql",
+                   help="the server's storage: picks the commit baseline for the ratios (default postgresql)")
+    p.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="PostgreSQL for the baseline; a throwaway database is created and dropped there")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="Redis for the PUBLISH baseline")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baselines (ratios are then null)")
+    sizes = p.add_argument_group("sizes (override --quick or the defaults)")
+    sizes.add_argument("--handshakes", type=int, help="handshakes per round (default 3000, quick 1000)")
+    sizes.add_argument("--concurrency", type=int, help="handshakes in flight (default 100)")
+    sizes.add_argument("--connections", help="idle connection counts for memory, comma list (default 1000,5000)")
+    sizes.add_argument("--duration", type=float, help="seconds each throughput scenario measures (20, quick 8)")
+    sizes.add_argument("--warmup", type=float, help="seconds of load before measuring (3, quick 2)")
+    sizes.add_argument("--users", type=int, help="sending users in events/two_nodes (default 20)")
+    sizes.add_argument("--window", type=int, help="unacked events in flight per sender (default 16)")
+    sizes.add_argument("--payload-bytes", type=int, help="event payload bytes before base64 (default 256)")
+    sizes.add_argument("--rate", type=float, help="events/s of the latency scenario (default 500)")
+    sizes.add_argument("--rate-duration", type=float, help="seconds the latency scenario measures (30, quick 10)")
+    sizes.add_argument("--backlog", type=int, help="catch-up backlog in events (100000, quick 10000)")
+    sizes.add_argument("--catchup-limit", type=int, help="events per replay page requested (default 1000)")
+    sizes.add_argument("--fanout-devices", type=int, help="devices of the fan-out user (default 10)")
+    sizes.add_argument("--baseline-duration", type=float, help="seconds per baseline measurement (5, quick 2)")
+    sizes.add_argument("--client-procs", type=int, help="load-generator processes for handshakes/events (1)")
+    args = p.parse_args(argv)
+    names = []
+    default = [s for s in SCENARIOS if s != "two_nodes" or args.url2]
+    for item in (args.scenarios or ",".join(default)).split(","):
+        item = NUMBERS.get(item.strip(), item.strip())
+        if item not in SCENARIOS:
+            p.error("unknown scenario {!r}; choose from {}".format(item, ", ".join(SCENARIOS)))
+        names.append(item)
+    args.selected = [s for s in SCENARIOS if s in names]
+    if "two_nodes" in args.selected and not args.url2:
+        p.error("scenario two_nodes needs --url2")
+    try:
+        args.ws1 = ws_url(args.url)
+        args.ws2 = ws_url(args.url2) if args.url2 else None
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    """``--quick`` or the defaults, with every size option given applied."""
+    sizes = QUICK if args.quick else FULL
+    changes: Dict[str, Any] = {}
+    for field in dataclasses.fields(Sizes):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            changes[field.name] = value
+    if isinstance(changes.get("connections"), str):
+        changes["connections"] = tuple(sorted(int(c) for c in changes["connections"].split(",") if c.strip()))
+    return dataclasses.replace(sizes, **changes)
+
+
+def machine_info() -> Dict[str, Any]:
+    """nproc, CPU model, memory, load average, versions."""
+    info: Dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                                     None)
+        with open("/proc/meminfo") as f:
+            info["mem_total_mib"] = int(f.readline().split()[1]) // 1024
+        info["loadavg_at_start"] = os.getloadavg()[0]
+    except (OSError, ValueError, StopIteration):
+        pass
+    import autobahn
+    import twisted
+
+    info["twisted"] = twisted.__version__
+    info["autobahn"] = autobahn.__version__
+    return info
+
+
+def scrape_metrics(url: str) -> Dict[str, float]:
+    """The server's ``/metrics`` sums and counts we use; empty when unavailable."""
+    wanted = ("pocketbridge_commit_batch_events_sum", "pocketbridge_commit_batch_events_count",
+              "pocketbridge_commit_seconds_sum", "pocketbridge_delivery_seconds_sum",
+              "pocketbridge_delivery_seconds_count")
+    try:
+        with urllib.request.urlopen(http_url(url) + "/metrics", timeout=5) as response:
+            text = response.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return {}
+    out: Dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def metrics_delta(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Mean commit batch, commit time and commit → socket delivery time between two scrapes."""
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    commits = d("pocketbridge_commit_batch_events_count")
+    deliveries = d("pocketbridge_delivery_seconds_count")
+    if not commits:
+        return {}
+    return {
+        "commits": commits,
+        "mean_batch_events": round(d("pocketbridge_commit_batch_events_sum") / commits, 1),
+        "mean_commit_ms": round(1000 * d("pocketbridge_commit_seconds_sum") / commits, 2),
+        "mean_commit_to_socket_ms": round(1000 * d("pocketbridge_delivery_seconds_sum") / deliveries, 2)
+        if deliveries else None,
+    }
+
+
+def health(url: str) -> Optional[str]:
+    """None if ``GET /health`` answers 200, else why not."""
+    try:
+        with urllib.request.urlopen(http_url(url) + "/health", timeout=5) as response:
+            return None if response.status == 200 else "HTTP {}".format(response.status)
+    except Exception as e:
+        return "{}: {}".format(type(e).__name__, e)
+
+
+class Run:
+    """One benchmark run: measurements, their errors and CPU readings, and progress on stderr."""
+
+    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
+        self.args = args
+        self.sizes = sizes
+        self.scenarios: Dict[str, Any] = {}
+        self.baselines: Dict[str, Any] = {}
+        self.errors: Dict[str, str] = {}
+        self.cpu: Dict[str, Dict[str, Any]] = {}
+        self.server_metrics: Dict[str, Dict[str, Any]] = {}  # per scenario, from the --url node's /metrics
+        self.pids = [p for p in (args.server_pid,) if p]
+
+    def say(self, text: str) -> None:
+        sys.stderr.write("[{}] {}\n".format(time.strftime("%H:%M:%S"), text))
+        sys.stderr.flush()
+
+    def measure(self, kind: str, name: str, fn: Callable[[], Any], cpu_of: Callable[[Any], Any] = lambda r: r,
+                ) -> Any:
+        self.say("{} {} ...".format(kind, name))
+        t0 = time.monotonic()
+        result = fn()
+        err = error_of(result) if isinstance(result, dict) else None
+        if err:
+            self.errors[name] = err
+            self.say("  {} failed: {}".format(name, err.splitlines()[0]))
+        else:
+            readings = cpu_of(result)
+            if isinstance(readings, dict) and readings.get("machine_cpu_pct") is not None:
+                self.cpu[name] = {k: readings.get(k) for k in CPU_KEYS}
+            self.say("  done in {:.1f} s".format(time.monotonic() - t0))
+        (self.baselines if kind == "baseline" else self.scenarios)[name] = result
+        return result
+
+    # ------------------------------------------------------------ baselines
+
+    def run_baselines(self) -> None:
+        s, sel = self.sizes, set(self.args.selected)
+        d = s.baseline_duration
+        if sel & {"events", "latency", "catchup", "two_nodes"}:
+            read_max = max(s.backlog, 10_000)
+            self.measure("baseline", "postgres", lambda: run_child(
+                baseline_store.postgres, 300, admin_url=self.args.pg_url, duration=d, batch=100,
+                payload_bytes=s.payload_bytes, read_limit=s.catchup_limit, read_max=read_max))
+            self.measure("baseline", "sqlite", lambda: run_child(
+                baseline_store.sqlite, 300, duration=d, batch=100, payload_bytes=s.payload_bytes,
+                read_limit=s.catchup_limit, read_max=read_max))
+        if "two_nodes" in sel:
+            self.measure("baseline", "redis", lambda: run_child(
+                baseline_store.redis, 120, url=self.args.redis_url, duration=d, warmup=min(1.0, d),
+                window=100, payload_bytes=s.payload_bytes))
+        if "memory" in sel:
+            # A fresh echo server of its own: memory freed by other loads would be reused.
+            self._with_echo(lambda url, pid: self.measure("baseline", "ws_memory", lambda: run_child(
+                baseline_ws.memory, 120 + max(s.connections) / 20, url=url, count=max(s.connections),
+                concurrency=s.concurrency, server_pid=pid)))
+        if not sel & {"handshakes", "events", "latency", "fanout", "two_nodes"}:
+            return
+
+        def echo_loads(url: str, pid: int) -> None:
+            if sel & {"events", "fanout", "two_nodes"}:
+                self.measure("baseline", "ws_roundtrips", lambda: run_child(
+                    baseline_ws.roundtrips, 120, url=url, conns=s.users * 2, window=s.window,
+                    payload_bytes=s.payload_bytes, duration=d, warmup=min(1.0, d), server_pids=[pid]))
+            if "handshakes" in sel:
+                self.measure("baseline", "ws_connects", lambda: run_child(
+                    baseline_ws.connects, 120 + s.handshakes / 20, url=url, count=s.handshakes,
+                    concurrency=s.concurrency, payload_bytes=s.payload_bytes, server_pids=[pid]))
+            if "latency" in sel:
+                self.measure("baseline", "ws_latency", lambda: run_child(
+                    baseline_ws.latency, 120, url=url, conns=10, rate_per_s=s.rate, payload_bytes=s.payload_bytes,
+                    duration=max(d, min(s.rate_duration, 5.0)), warmup=min(1.0, d)))
+
+        self._with_echo(echo_loads)
+
+    def _with_echo(self, body: Callable[[str, int], None]) -> None:
+        """Run ``body(url, pid)`` against a freshly started echo server, stopped afterwards."""
+        try:
+            proc, port = baseline_ws.start_echo_server()
+        except (OSError, RuntimeError) as e:
+            self.errors["ws_echo"] = str(e)
+            return
+        try:
+            body("ws://127.0.0.1:{}/".format(port), proc.pid)
+        finally:
+            baseline_ws.stop_echo_server(proc)
+
+    # ------------------------------------------------------------ scenarios
+
+    def run_scenarios(self) -> None:
+        s, a = self.sizes, self.args
+        flow_timeout = s.warmup + s.duration + 180
+        for name in a.selected:
+            before = scrape_metrics(a.url)
+            self._run_scenario(name, flow_timeout)
+            delta = metrics_delta(before, scrape_metrics(a.url))
+            if delta:
+                self.server_metrics[name] = delta
+
+    def _run_scenario(self, name: str, flow_timeout: float) -> None:
+        s, a = self.sizes, self.args
+        if name == "memory":
+            self.measure("scenario", name, lambda: run_child(
+                conns.memory, 300 + max(s.connections) / 10, url=a.ws1, counts=list(s.connections),
+                concurrency=s.concurrency, server_pid=a.server_pid), lambda r: None)
+            if (self.scenarios[name] or {}).get("skipped"):
+                self.errors[name] = self.scenarios[name]["skipped"]
+        elif name == "handshakes":
+            self.measure("scenario", name, lambda: self._merged(conns.merge_handshakes, run_sharded(
+                conns.handshakes, s.client_procs, 120 + s.handshakes / 10, url=a.ws1, count=s.handshakes,
+                concurrency=s.concurrency, server_pids=self.pids)), lambda r: r.get("returning"))
+        elif name == "events":
+            self.measure("scenario", name, lambda: self._flow([a.ws1], s.users, 1, False, flow_timeout))
+        elif name == "latency":
+            self.measure("scenario", name, lambda: run_child(
+                flows.fixed_rate, s.rate_duration + s.warmup + 180, url=a.ws1, users=10, rate_per_s=s.rate,
+                duration=s.rate_duration, warmup=s.warmup, payload_bytes=s.payload_bytes,
+                server_pids=self.pids))
+        elif name == "fanout":
+            self.measure("scenario", name, lambda: self._flow(
+                [a.ws1], 1, s.fanout_devices - 1, False, flow_timeout, shards=1))
+        elif name == "catchup":
+            self.measure("scenario", name, lambda: run_child(
+                flows.catchup, 300 + s.backlog / 100, url=a.ws1, backlog=s.backlog, limit=s.catchup_limit,
+                window=200, payload_bytes=s.payload_bytes, server_pids=self.pids))
+        elif name == "two_nodes":
+            pids = [p for p in (a.server_pid, a.server_pid2) if p]
+            self.measure("scenario", name, lambda: self._flow(
+                [a.ws1, a.ws2], s.users, 1, True, flow_timeout, server_pids=pids))
+
+    def _flow(self, urls: List[str], users: int, receivers: int, cross: bool, timeout: float,
+              shards: Optional[int] = None, server_pids: Optional[List[int]] = None) -> Dict[str, Any]:
+        s = self.sizes
+        parts = run_sharded(
+            flows.flow, shards or s.client_procs, timeout, urls=urls, users=users, window=s.window,
+            duration=s.duration, warmup=s.warmup, payload_bytes=s.payload_bytes, receivers=receivers, cross=cross,
+            server_pids=self.pids if server_pids is None else server_pids)
+        err = flows.first_error(parts)
+        return {"error": err} if err else flows.summarize_flow(parts, receivers)
+
+    @staticmethod
+    def _merged(merge: Callable[[List[Dict[str, Any]]], Dict[str, Any]], parts: List[Any]) -> Dict[str, Any]:
+        err = flows.first_error(parts)
+        return {"error": err} if err else merge(parts)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``pocketbridge-bench``."""
+    args = parse_args(argv)
+    sizes = sizes_from(args)
+    raise_fd_limit()
+    for url in filter(None, (args.url, args.url2)):
+        problem = health(url)
+        if problem:
+            sys.stderr.write("pocketbridge-bench: {} is not healthy ({})\n".format(http_url(url), problem))
+            return 2
+    run = Run(args, sizes)
+    started = time.monotonic()
+    run.say("sizes: {}".format(", ".join("{}={}".format(k, v) for k, v in dataclasses.asdict(sizes).items())))
+    if not args.no_baselines:
+        run.run_baselines()
+    run.run_scenarios()
+    result = report.build(run.scenarios, run.baselines, args.storage)
+    result.update({
+        "machine": machine_info(),
+        "config": {"url": args.url, "url2": args.url2, "quick": args.quick, "scenarios": args.selected,
+                   **dataclasses.asdict(sizes)},
+        "cpu": run.cpu,
+        "server_metrics": run.server_metrics,
+        "errors": run.errors,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "details": {"scenarios": run.scenarios, "baselines": run.baselines},
+    })
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+                         .decode() + "\n")
+    else:
+        sys.stdout.write(report.table(result) + "\n")
+        sys.stdout.write("\n(total {:.0f} s; --json for every detail)\n".format(result["elapsed_s"]))
+    failed = {k for k in run.errors if k in args.selected or k in run.baselines}
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
