@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
@@ -35,6 +35,8 @@ EVENT_COLUMNS = (
 # Bytes a relayed event adds around its payload, stream_id and type when
 # serialized: keys, ids (user 64, event and device 36 each), five integers.
 RELAY_OVERHEAD = 400
+# Rows per set-based lookup statement (keeps the parameter count far below driver limits).
+SET_CHUNK = 500
 
 
 class StorageUnavailable(Exception):
@@ -422,6 +424,11 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         inserts: List[Tuple[Any, ...]] = []
         device_max: Dict[Tuple[str, str], int] = {}
         stream_heads_changed: Dict[Tuple[str, str], int] = {}
+        known = [ev for ev in events if ev.user_id in heads]
+        # One statement each for the whole batch, not one per user: at load a
+        # batch holds many users, and every statement is a round trip.
+        by_eid, by_dseq = self._existing(txn, known)
+        streams = self._stream_heads(txn, sorted({(ev.user_id, ev.stream_id) for ev in known}))
         for user in users:
             idx = by_user[user]
             if user not in heads:
@@ -429,12 +436,10 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
                     outcomes[i] = Outcome("no_user")
                 continue
             head, stored_bytes = heads[user]
-            by_eid, by_dseq = self._existing(txn, user, [events[i] for i in idx])
-            streams = self._stream_heads(txn, user, sorted({events[i].stream_id for i in idx}))
             for i in idx:
                 ev = events[i]
-                prior = by_eid.get(ev.event_id)
-                same_seq = by_dseq.get((ev.device_id, ev.device_seq))
+                prior = by_eid.get((user, ev.event_id))
+                same_seq = by_dseq.get((user, ev.device_id, ev.device_seq))
                 if prior is not None or same_seq is not None:
                     if prior is not None and prior[0] == ev.device_id and prior[1] == ev.device_seq:
                         outcomes[i] = Outcome("duplicate", prior[2], prior[3], prior[4])
@@ -446,16 +451,17 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
                     continue
                 head += 1
                 stored_bytes += ev.payload_size
-                sseq = streams.get(ev.stream_id, 0) + 1
-                streams[ev.stream_id] = sseq
+                sseq = streams.get((user, ev.stream_id), 0) + 1
+                streams[(user, ev.stream_id)] = sseq
                 stream_heads_changed[(user, ev.stream_id)] = sseq
                 row = StoredEvent(
                     user, head, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, sseq,
                     ev.type, ev.encrypted_payload, ev.ttl, now,
                 )
                 # Later events in this batch see this one as existing.
-                by_eid[ev.event_id] = (ev.device_id, ev.device_seq, head, sseq, row)
-                by_dseq[(ev.device_id, ev.device_seq)] = by_eid[ev.event_id]
+                entry = (ev.device_id, ev.device_seq, head, sseq, row)
+                by_eid[(user, ev.event_id)] = entry
+                by_dseq[(user, ev.device_id, ev.device_seq)] = entry
                 outcomes[i] = Outcome("stored", head, sseq, row)
                 inserts.append(
                     (user, head, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, sseq, ev.type,
@@ -466,24 +472,30 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
             heads[user] = [head, stored_bytes]
         if inserts:
             self._insert_events(txn, inserts)
-            self._executemany(
-                txn,
-                "UPDATE users SET head_seq = ?, stored_bytes = ?, last_activity = ? WHERE user_id = ?",
-                [(heads[u][0], heads[u][1], now, u) for u in users if u in heads],
-            )
-            self._executemany(
-                txn,
-                "INSERT INTO streams (user_id, stream_id, head) VALUES (?, ?, ?)"
-                " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head",
-                [(u, s, h) for (u, s), h in sorted(stream_heads_changed.items())],
-            )
-            self._executemany(
-                txn,
-                "UPDATE devices SET last_device_seq = " + self.greatest("last_device_seq", "?")
-                + ", last_seen = ? WHERE user_id = ? AND device_id = ?",
-                [(m, now, u, d) for (u, d), m in sorted(device_max.items())],
-            )
+            self._update_users(txn, [(u, heads[u][0], heads[u][1], now) for u in users if u in heads])
+            self._upsert_streams(txn, [(u, st, h) for (u, st), h in sorted(stream_heads_changed.items())])
+            self._update_devices(txn, [(u, d, m, now) for (u, d), m in sorted(device_max.items())])
         return [o if o is not None else Outcome("conflict") for o in outcomes]
+
+    # Bulk writes of a batch; PostgreSQL overrides them with one statement each.
+
+    def _update_users(self, txn: Any, rows: List[Tuple[str, int, int, int]]) -> None:
+        """(user_id, head_seq, stored_bytes, last_activity) per user."""
+        self._executemany(
+            txn, "UPDATE users SET head_seq = ?, stored_bytes = ?, last_activity = ? WHERE user_id = ?",
+            [(h, b, t, u) for u, h, b, t in rows])
+
+    def _upsert_streams(self, txn: Any, rows: List[Tuple[str, str, int]]) -> None:
+        """(user_id, stream_id, head) per changed stream."""
+        self._executemany(
+            txn, "INSERT INTO streams (user_id, stream_id, head) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head", rows)
+
+    def _update_devices(self, txn: Any, rows: List[Tuple[str, str, int, int]]) -> None:
+        """(user_id, device_id, highest device_seq stored, now) per sending device."""
+        self._executemany(
+            txn, "UPDATE devices SET last_device_seq = " + self.greatest("last_device_seq", "?")
+            + ", last_seen = ? WHERE user_id = ? AND device_id = ?", [(m, t, u, d) for u, d, m, t in rows])
 
     def _insert_events(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
         self._executemany(
@@ -494,40 +506,44 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         )
 
     def _existing(
-        self, txn: Any, user: str, events: Iterable[NewEvent]
-    ) -> Tuple[Dict[str, Tuple[Any, ...]], Dict[Tuple[str, int], Tuple[Any, ...]]]:
-        evs = list(events)
-        eids = sorted({e.event_id for e in evs})
-        by_eid: Dict[str, Tuple[Any, ...]] = {}
-        by_dseq: Dict[Tuple[str, int], Tuple[Any, ...]] = {}
+        self, txn: Any, events: List[NewEvent]
+    ) -> Tuple[Dict[Tuple[str, str], Tuple[Any, ...]], Dict[Tuple[str, str, int], Tuple[Any, ...]]]:
+        """Stored events sharing an (user, event_id) or (user, device, device_seq) with the batch."""
+        by_eid: Dict[Tuple[str, str], Tuple[Any, ...]] = {}
+        by_dseq: Dict[Tuple[str, str, int], Tuple[Any, ...]] = {}
+        if not events:
+            return by_eid, by_dseq
+        pairs = sorted({(e.user_id, e.event_id) for e in events})
+        triples = sorted({(e.user_id, e.device_id, e.device_seq) for e in events})
         rows: List[Sequence[Any]] = []
-        self._execute(
-            txn, "SELECT " + EVENT_COLUMNS + " FROM events WHERE user_id = ? AND event_id IN " + _in(len(eids)),
-            [user] + eids,
-        )
-        rows.extend(txn.fetchall())
-        per_device: Dict[str, List[int]] = {}
-        for e in evs:
-            per_device.setdefault(e.device_id, []).append(e.device_seq)
-        for device, seqs in sorted(per_device.items()):
-            uniq = sorted(set(seqs))
-            self._execute(
-                txn,
-                "SELECT " + EVENT_COLUMNS + " FROM events WHERE user_id = ? AND device_id = ? AND device_seq IN "
-                + _in(len(uniq)),
-                [user, device] + uniq,
-            )
+        for chunk in range(0, max(len(pairs), len(triples)), SET_CHUNK):
+            p = pairs[chunk:chunk + SET_CHUNK]
+            t = triples[chunk:chunk + SET_CHUNK]
+            parts, params = [], []  # type: Tuple[List[str], List[Any]]
+            if p:
+                parts.append("SELECT " + EVENT_COLUMNS + " FROM events WHERE (user_id, event_id) IN (VALUES "
+                             + ",".join(["(?, ?)"] * len(p)) + ")")
+                params.extend(x for pair in p for x in pair)
+            if t:
+                parts.append("SELECT " + EVENT_COLUMNS + " FROM events WHERE (user_id, device_id, device_seq) IN (VALUES "
+                             + ",".join(["(?, ?, ?)"] * len(t)) + ")")
+                params.extend(x for triple in t for x in triple)
+            self._execute(txn, " UNION ALL ".join(parts), params)
             rows.extend(txn.fetchall())
         for r in rows:
-            s = _stored(r)
-            entry = (s.device_id, s.device_seq, s.seq, s.stream_seq, s)
-            by_eid[s.event_id] = entry
-            by_dseq[(s.device_id, s.device_seq)] = entry
+            st = _stored(r)
+            entry = (st.device_id, st.device_seq, st.seq, st.stream_seq, st)
+            by_eid[(st.user_id, st.event_id)] = entry
+            by_dseq[(st.user_id, st.device_id, st.device_seq)] = entry
         return by_eid, by_dseq
 
-    def _stream_heads(self, txn: Any, user: str, streams: List[str]) -> Dict[str, int]:
-        self._execute(
-            txn, "SELECT stream_id, head FROM streams WHERE user_id = ? AND stream_id IN " + _in(len(streams)),
-            [user] + streams,
-        )
-        return {r[0]: int(r[1]) for r in txn.fetchall()}
+    def _stream_heads(self, txn: Any, pairs: List[Tuple[str, str]]) -> Dict[Tuple[str, str], int]:
+        """Current head of each (user, stream) of the batch."""
+        out: Dict[Tuple[str, str], int] = {}
+        for chunk in range(0, len(pairs), SET_CHUNK):
+            p = pairs[chunk:chunk + SET_CHUNK]
+            self._execute(
+                txn, "SELECT user_id, stream_id, head FROM streams WHERE (user_id, stream_id) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(p)) + ")", [x for pair in p for x in pair])
+            out.update({(r[0], r[1]): int(r[2]) for r in txn.fetchall()})
+        return out

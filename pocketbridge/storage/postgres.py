@@ -56,6 +56,29 @@ class PostgresStorage(Storage):
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
+    def _update_users(self, txn: Any, rows: List[Tuple[str, int, int, int]]) -> None:
+        from psycopg2.extras import execute_values
+
+        execute_values(
+            txn, "UPDATE users AS u SET head_seq = v.h, stored_bytes = v.b, last_activity = v.t"
+            " FROM (VALUES %s) AS v(uid, h, b, t) WHERE u.user_id = v.uid", rows,
+            template="(%s, %s::bigint, %s::bigint, %s::bigint)", page_size=1000)
+
+    def _upsert_streams(self, txn: Any, rows: List[Tuple[str, str, int]]) -> None:
+        from psycopg2.extras import execute_values
+
+        execute_values(
+            txn, "INSERT INTO streams (user_id, stream_id, head) VALUES %s"
+            " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head", rows, page_size=1000)
+
+    def _update_devices(self, txn: Any, rows: List[Tuple[str, str, int, int]]) -> None:
+        from psycopg2.extras import execute_values
+
+        execute_values(
+            txn, "UPDATE devices AS d SET last_device_seq = GREATEST(d.last_device_seq, v.m), last_seen = v.t"
+            " FROM (VALUES %s) AS v(uid, did, m, t) WHERE d.user_id = v.uid AND d.device_id = v.did", rows,
+            template="(%s, %s, %s::bigint, %s::bigint)", page_size=1000)
+
     def _insert_events(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
         # One multi-row statement: adbapi/psycopg2's per-row path is the largest cost.
         from psycopg2.extras import execute_values
