@@ -1,33 +1,34 @@
 """
-``pocketbridge-cli``: a small v1 client on the command line.
+``pocketbridge-cli``: a PocketBridge client on the command line (protocol v2).
 
-    pocketbridge-cli keygen [--keys PATH] [--name NAME] [--from PATH]
-    pocketbridge-cli send  --url ws://127.0.0.1:3001/ws [--keys PATH] --stream S --type T [--ttl MS]
-    pocketbridge-cli watch --url ws://127.0.0.1:3001/ws [--keys PATH] [--count N] [--json | --decode]
+    pocketbridge-cli keygen   [--keys PATH] [--name NAME] [--type TYPE] [--from PATH] [--force]
+    pocketbridge-cli pair new [--url URL] [--keys PATH] [--yes]
+    pocketbridge-cli pair join CODE [--url URL] [--keys PATH] [--name NAME] [--type TYPE] [--yes] [--force]
+    pocketbridge-cli send     [--url URL] [--keys PATH] --stream S --type T [--ttl MS | --expires-at MS]
+    pocketbridge-cli watch    [--url URL] [--keys PATH] [--count N] [--json | --raw] [--no-reconnect]
+    pocketbridge-cli devices  [--url URL] [--keys PATH] [--all] [--json]
+    pocketbridge-cli revoke   DEVICE_ID [--url URL] [--keys PATH] [--self]
+    pocketbridge-cli status   [--url URL] [--keys PATH]
 
-v1 "pairing" is copying the user key: ``keygen --from first.json --keys
-second.json`` makes a second device of the same user.
+``--url`` is ``http(s)://host:port`` or ``ws(s)://host:port/ws`` (either one
+gives the other); ``POCKETBRIDGE_URL`` is the default. Payloads are
+encrypted end to end with a key derived from the user key (``PayloadKey``,
+docs/pairing.md); the server stores only ciphertext. docs/cli.md has the
+details.
 
-``send`` puts the base64 of stdin in ``encrypted_payload`` as is: v1 has no
-end-to-end encryption in this tool yet (it comes with protocol v2), so only
-use it with data you would let the server operator read.
-
-Results go to stdout, progress to stderr, an error is one line on stderr and
-a non-zero exit status.
+Results go to stdout, progress to stderr. A failure is one line on stderr
+and exit status 1; a command line that cannot work is exit status 2; an
+interrupted command exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, NoReturn, Optional, Sequence
 
-import orjson
-from twisted.internet.defer import Deferred, TimeoutError as DeferTimeoutError
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -36,261 +37,135 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from pocketbridge.client import (
-    Client,
-    ConnectionClosed,
-    DeviceKeys,
-    DeviceRevoked,
-    EventDeduper,
-    HandshakeError,
-    KeyFileError,
-    ReconnectingClient,
-    RetryDecision,
-)
+from pocketbridge.cli_commands import cmd_devices, cmd_keygen, cmd_revoke, cmd_send, cmd_status
+from pocketbridge.cli_pair import cmd_pair_join, cmd_pair_new
+from pocketbridge.cli_support import CliError, UsageError, describe, parse_server_url, progress
+from pocketbridge.cli_watch import cmd_watch
 from pocketbridge.client.keys import DEVICE_TYPES, default_keys_path
 
-
-class CliError(Exception):
-    """A failure to report as one line and exit status 1."""
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line, secret-free description of why a command failed."""
-    if isinstance(exc, CliError):
-        return str(exc)
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, DNSLookupError):
-        return "cannot resolve the server's host name"
-    if isinstance(exc, ConnectError):
-        return "cannot connect: {}".format(exc.osError or exc.__class__.__name__)
-    if isinstance(exc, DeviceRevoked):
-        return "device revoked (close {} {})".format(exc.code, exc.reason).strip()
-    if isinstance(exc, ConnectionClosed):
-        return "server closed the connection: {} {}".format(exc.code, exc.reason).strip()
-    if isinstance(exc, HandshakeError):
-        return "handshake failed: {}".format(exc)
-    if isinstance(exc, DeferTimeoutError):
-        return "timed out"
-    if isinstance(exc, KeyFileError):
-        return str(exc)
-    return "{}: {}".format(exc.__class__.__name__, exc)
+URL_ENV = "POCKETBRIDGE_URL"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
-def _progress(message: str, err: Optional[TextIO] = None) -> None:
-    """One progress or error line on stderr."""
-    stream = err if err is not None else sys.stderr
-    stream.write(message + "\n")
-    stream.flush()
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """``<prog>: usage error: <message> (see <prog> --help)``."""
+        progress("{}: usage error: {} (see {} --help)".format(self.prog, message, self.prog))
+        sys.exit(EXIT_USAGE)
 
 
-def _client_for(reactor: Any, url: str, keys: DeviceKeys, **kwargs: Any) -> Client:
-    """A Client for the device in ``keys``."""
-    return Client(
-        reactor,
-        url,
-        keys.identity,
-        device_id=keys.device_id,
-        device_name=keys.device_name,
-        device_type=keys.device_type,
-        next_device_seq=keys.next_device_seq,
-        **kwargs,
-    )
-
-
-# ---------------------------------------------------------------- keygen
-
-
-def cmd_keygen(args: argparse.Namespace, out: TextIO, err: Optional[TextIO] = None) -> int:
-    """Write a new device key file; print user_id and device_id (never the seed)."""
-    path = os.path.expanduser(args.keys)
-    if os.path.exists(path) and not args.force:
-        raise CliError("{} exists; refusing to overwrite a key file (use --force)".format(path))
-    if args.from_path:
-        keys = DeviceKeys.load(args.from_path).for_new_device(args.name, args.device_type)
-    else:
-        keys = DeviceKeys.generate(args.name, args.device_type)
-    keys.save(path)
-    out.write("user_id={}\ndevice_id={}\n".format(keys.user_id, keys.device_id))
-    _progress("wrote {} (keep it private: it holds the user key)".format(path), err)
-    return 0
-
-
-# ---------------------------------------------------------------- send
-
-
-async def cmd_send(reactor: Any, args: argparse.Namespace, payload: bytes, out: TextIO) -> int:
-    """Send stdin as one event and print the ack."""
-    keys = DeviceKeys.load(args.keys)
-    client = _client_for(reactor, args.url, keys, auto_ack=False, keep_history=False)
-    _progress("connecting to {} as device {}".format(args.url, keys.device_id))
-    await client.connect()
-    device_seq = client.next_device_seq
-    keys.next_device_seq = device_seq + 1
-    keys.save(args.keys)  # reserve the seq before it is used (see DeviceKeys)
-    ttl = args.expires_at
-    if args.ttl is not None:
-        ttl = int(reactor.seconds() * 1000) + args.ttl
-    ack = await client.send_event(
-        stream_id=args.stream,
-        type=args.type,
-        encrypted_payload=base64.b64encode(payload).decode("ascii"),
-        ttl=ttl,
-        device_seq=device_seq,
-        timeout=args.timeout,
-    )
-    if ack.get("dropped"):
-        out.write("dropped\n")
-    else:
-        out.write("stored seq={} stream_seq={}\n".format(ack.get("seq"), ack.get("stream_seq")))
-    out.flush()
-    await client.close()
-    return 0
-
-
-# ---------------------------------------------------------------- watch
-
-
-def format_event(event: Dict[str, Any], as_json: bool) -> str:
-    """One output line for an event: a summary, or the full payload as JSON."""
-    if as_json:
-        return orjson.dumps(event).decode("utf-8")
-    data = event.get("encrypted_payload")
-    size: Any = "?"
-    if isinstance(data, str):
-        try:
-            size = len(base64.b64decode(data, validate=True))
-        except (binascii.Error, ValueError):
-            size = len(data)
-    return "seq={} stream={} type={} size={}".format(event.get("seq"), event.get("stream_id"), event.get("type"), size)
-
-
-async def cmd_watch(reactor: Any, args: argparse.Namespace, out: Any) -> int:
-    """Print received events until ``--count`` are printed (or for ever)."""
-    keys = DeviceKeys.load(args.keys)
-    dedupe = EventDeduper()
-    printed: List[int] = [0]
-    runner: Optional[ReconnectingClient] = None
-
-    def on_event(event: Dict[str, Any]) -> None:
-        """Print, dedupe and ack one event; stop after ``--count``."""
-        done = args.count is not None and printed[0] >= args.count
-        if done:
-            return  # not acked: the server sends it again next time
-        if dedupe.is_new(event):
-            if args.decode:
-                data = event.get("encrypted_payload")
-                try:
-                    raw = base64.b64decode(data if isinstance(data, str) else "", validate=True)
-                except (binascii.Error, ValueError):
-                    raw = b"<invalid base64>"
-                out.flush()
-                out.buffer.write(raw if raw.endswith(b"\n") else raw + b"\n")
-            else:
-                out.write(format_event(event, args.json) + "\n")
-            out.flush()
-            printed[0] += 1
-            seq = event.get("seq")
-            if isinstance(seq, int) and seq > keys.last_received_seq:
-                keys.last_received_seq = seq
-        if isinstance(event.get("device_seq"), int):
-            try:
-                client.ack(event["device_seq"])
-            except ConnectionClosed:
-                pass  # it is sent again on the next connection
-        if args.count is not None and printed[0] >= args.count and runner is not None:
-            reactor.callLater(0, runner.stop)
-
-    client = _client_for(reactor, args.url, keys, auto_ack=False, keep_history=False, on_event=on_event)
-
-    def connected(est: Dict[str, Any]) -> None:
-        """Progress: connected."""
-        _progress("connected as device {}; catching up".format(keys.device_id))
-
-    def caught_up(events: list) -> None:
-        """Progress: backlog done."""
-        _progress("caught up ({} replayed events)".format(len(events)))
-
-    def disconnected(code: Optional[int], reason: str, decision: RetryDecision) -> None:
-        """Progress: reconnect plan, or fail with ``--no-reconnect``."""
-        if not decision.retry:
-            return  # the runner raises DeviceRevoked
-        if not args.reconnect:
-            raise ConnectionClosed(code or 1006, reason)
-        if decision.retry:
-            _progress("disconnected ({} {}); reconnecting in {:.1f} s".format(code, reason, decision.delay))
-
-    runner = ReconnectingClient(reactor, client, on_connected=connected, on_caught_up=caught_up,
-                                on_disconnected=disconnected)
-    _progress("connecting to {}".format(args.url))
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
     try:
-        await runner.run()
-    finally:
-        if keys.last_received_seq:
-            try:
-                keys.save(args.keys)
-            except OSError as e:
-                _progress("warning: could not update {}: {}".format(args.keys, e.strerror))
-    return 0
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: {!r}".format(text))
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
-# ---------------------------------------------------------------- main
-
-
-def ws_url(text: str) -> str:
-    """argparse type: a ``ws://`` or ``wss://`` URL."""
-    from autobahn.websocket.util import parse_url
-
+def seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
     try:
-        parse_url(text)
-    except Exception as e:  # Autobahn raises plain Exception/ValueError with a message
-        raise argparse.ArgumentTypeError("not a WebSocket URL (ws://host:port/ws or wss://…): {}".format(e))
-    return text
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: {!r}".format(text))
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def hex64(text: str) -> str:
+    """argparse type: 64 hex characters (a server key), lowercased."""
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError("a server key is 64 hex characters")
+    return text.lower()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="pocketbridge-cli", description="PocketBridge v1 command-line client.")
+    parser = Parser(prog="pocketbridge-cli", description="PocketBridge command-line client (protocol v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log protocol details to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def keys_option(p: argparse.ArgumentParser) -> None:
-        """Add ``--keys``/``--device-keys`` to a subcommand."""
+        """``--keys PATH``."""
         p.add_argument("--keys", "--device-keys", dest="keys", default=default_keys_path(), metavar="PATH",
-                       help="device key file (default: %(default)s)")
+                       help="this device's key file (default: %(default)s)")
 
-    keygen = sub.add_parser("keygen", help="create a device key file")
+    def server_options(p: argparse.ArgumentParser, timeout: float) -> None:
+        """``--url``, ``--keys``, ``--server-key``, ``--timeout`` for a command that talks to the server."""
+        p.add_argument("--url", default=os.environ.get(URL_ENV), metavar="URL",
+                       help="server: http(s)://host:port or ws(s)://host:port/ws (default: ${})".format(URL_ENV))
+        keys_option(p)
+        p.add_argument("--server-key", type=hex64, metavar="HEX64",
+                       help="accept and pin this server key (after the operator replaced it on purpose)")
+        p.add_argument("--timeout", type=seconds, default=timeout, metavar="S",
+                       help="seconds to wait for the server (default %(default)s)")
+
+    keygen = sub.add_parser("keygen", help="create a key file: a new user, or another device of a user (--from)")
     keys_option(keygen)
     keygen.add_argument("--name", help="device name shown to the user's other devices")
     keygen.add_argument("--type", dest="device_type", default="cli", choices=DEVICE_TYPES)
     keygen.add_argument("--from", dest="from_path", metavar="PATH",
-                        help="copy the user key from this device file (a second device of the same user)")
+                        help="copy the user key of this key file (the v1 way; `pair` is the secure way)")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
 
-    send = sub.add_parser("send", help="send stdin as one event (base64, not end-to-end encrypted in v1)")
-    send.add_argument("--url", required=True, type=ws_url, help="WebSocket URL, e.g. ws://127.0.0.1:3001/ws")
-    keys_option(send)
+    pair = sub.add_parser("pair", help="give the user key to a new device (SPAKE2 with a 6-digit code)")
+    pair_sub = pair.add_subparsers(dest="pair_command", required=True, metavar="{new,join}")
+    pair_new = pair_sub.add_parser("new", help="on an existing device: show a code for the new device")
+    server_options(pair_new, 300.0)
+    pair_new.add_argument("--yes", action="store_true",
+                          help="do not ask to confirm the verification string (scripts)")
+    pair_join = pair_sub.add_parser("join", help="on the new device: join with the code, write a new key file")
+    pair_join.add_argument("code", metavar="CODE", help="the six digits shown by `pair new`")
+    server_options(pair_join, 300.0)
+    pair_join.add_argument("--name", help="this device's name")
+    pair_join.add_argument("--type", dest="device_type", default="cli", choices=DEVICE_TYPES)
+    pair_join.add_argument("--yes", action="store_true",
+                           help="do not ask to confirm the verification string (scripts)")
+    pair_join.add_argument("--force", action="store_true", help="overwrite an existing key file")
+
+    send = sub.add_parser("send", help="encrypt stdin and send it as one event")
+    server_options(send, 30.0)
     send.add_argument("--stream", required=True, help="stream_id, e.g. clipboard:main")
     send.add_argument("--type", required=True, help="event type, e.g. clipboard:text")
     expiry = send.add_mutually_exclusive_group()
-    expiry.add_argument("--ttl", type=int, metavar="MS", help="expire the event MS milliseconds from now")
-    expiry.add_argument("--expires-at", type=int, metavar="MS", help="expire the event at this Unix time in ms")
-    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the ack (default 30)")
+    expiry.add_argument("--ttl", type=positive_int, metavar="MS", help="expire the event MS milliseconds from now")
+    expiry.add_argument("--expires-at", type=positive_int, metavar="MS",
+                        help="expire the event at this Unix time in milliseconds")
 
-    watch = sub.add_parser("watch", help="print events sent by the user's other devices")
-    watch.add_argument("--url", required=True, type=ws_url, help="WebSocket URL, e.g. ws://127.0.0.1:3001/ws")
-    keys_option(watch)
-    watch.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    watch = sub.add_parser("watch", help="print the events of the user's other devices, decrypted")
+    server_options(watch, 30.0)
+    watch.add_argument("--count", type=positive_int, metavar="N", help="exit after N events")
     output = watch.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print each event as one JSON line")
-    output.add_argument("--decode", action="store_true", help="print each event's base64-decoded payload")
+    output.add_argument("--json", action="store_true", help="one JSON object per event and line")
+    output.add_argument("--raw", action="store_true", help="only the decrypted bytes, nothing added")
     watch.add_argument("--no-reconnect", dest="reconnect", action="store_false",
                        help="exit with an error when the connection ends instead of reconnecting")
+
+    devices = sub.add_parser("devices", help="list the user's devices")
+    server_options(devices, 30.0)
+    devices.add_argument("--all", action="store_true", help="include revoked devices")
+    devices.add_argument("--json", action="store_true", help="print the server's JSON document")
+
+    revoke = sub.add_parser("revoke", help="revoke one of the user's devices")
+    revoke.add_argument("device_id", metavar="DEVICE_ID", help="a device id, or a unique prefix of one")
+    server_options(revoke, 30.0)
+    revoke.add_argument("--self", action="store_true", help="allow revoking this device (sign it out)")
+
+    status = sub.add_parser("status", help="server health, this device, connections and presence")
+    server_options(status, 30.0)
     return parser
 
 
 def _start_logging(verbose: bool) -> None:
-    """Send Twisted logs to stderr (errors only unless ``--verbose``)."""
+    """Send Twisted logs to stderr: errors only unless ``--verbose``."""
     level = LogLevel.debug if verbose else LogLevel.error
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     globalLogBeginner.beginLoggingTo(
@@ -298,42 +173,77 @@ def _start_logging(verbose: bool) -> None:
     )
 
 
+def _fail(exc: BaseException, args: argparse.Namespace) -> int:
+    """Report ``exc`` as one line; the exit status it calls for."""
+    prefix = exc.prefix if isinstance(exc, CliError) else "error"
+    progress("{}: {}".format(prefix, describe(exc, getattr(args, "urls", None))))
+    if args.verbose and not isinstance(exc, CliError):
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
+def _command(args: argparse.Namespace) -> Any:
+    """The coroutine function running ``args.command``, called as ``fn(reactor)``."""
+    out = sys.stdout
+    if args.command == "send":
+        if os.isatty(0):
+            progress("reading the payload from stdin (end it with Ctrl-D)")
+        payload = sys.stdin.buffer.read()
+        return lambda reactor: cmd_send(reactor, args, payload, out)
+    if args.command == "pair":
+        fn = cmd_pair_new if args.pair_command == "new" else cmd_pair_join
+        return lambda reactor: fn(reactor, args, out)
+    fn = {"watch": cmd_watch, "devices": cmd_devices, "revoke": cmd_revoke, "status": cmd_status}[args.command]
+    return lambda reactor: fn(reactor, args, out)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of ``pocketbridge-cli``; exits with the command's status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _start_logging(args.verbose)
-    if args.command == "keygen":
-        try:
+    try:
+        if args.command == "keygen":
             sys.exit(cmd_keygen(args, sys.stdout))
-        except (CliError, KeyFileError, OSError) as e:
-            _progress("error: " + (describe(e) if not isinstance(e, OSError) else str(e)))
-            sys.exit(1)
-    if args.command == "watch" and args.count is not None and args.count < 1:
-        _progress("error: --count must be at least 1")
-        sys.exit(2)
-    payload = b""
-    if args.command == "send":
-        payload = sys.stdin.buffer.read()
-        if not payload:
-            _progress("error: stdin is empty; nothing to send")
-            sys.exit(1)
+        if not args.url:
+            raise UsageError("--url is required (or set {})".format(URL_ENV))
+        args.urls = parse_server_url(args.url)
+        command = _command(args)
+    except Exception as e:  # CliError, KeyFileError, OSError before the reactor starts
+        sys.exit(_fail(e, args))
 
     from twisted.internet.task import react
 
     async def run(reactor: Any) -> None:
-        """Run the subcommand and turn its outcome into an exit status."""
+        """Run the command; turn its outcome into ``SystemExit``. Shutdown (Ctrl-C) cancels it."""
+        d = Deferred.fromCoroutine(command(reactor))
+        interrupted = []
+
+        def interrupt() -> None:
+            interrupted.append(True)
+            d.cancel()
+
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupt)
         try:
-            if args.command == "send":
-                code = await cmd_send(reactor, args, payload, sys.stdout)
+            code = await d
+        except CancelledError as e:
+            if not interrupted:
+                code = _fail(e, args)
             else:
-                code = await cmd_watch(reactor, args, sys.stdout)
+                progress("interrupted")
+                code = EXIT_INTERRUPTED
         except Exception as e:
-            where = " ({})".format(args.url) if isinstance(e, (ConnectError, DNSLookupError)) else ""
-            _progress("error: " + describe(e) + where)
-            raise SystemExit(1)
+            code = _fail(e, args)
+        finally:
+            try:
+                reactor.removeSystemEventTrigger(trigger)
+            except ValueError:
+                pass  # already run
         raise SystemExit(code)
 
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    react(run)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,17 @@ class LocalPresence:
 
     def __init__(self) -> None:
         self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
+        self.per_user: Dict[str, int] = {}  # live sockets per user (kept so counts are O(1))
 
     def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
         """(live sockets of the device, live sockets of the user)."""
-        dev = len(self.devices.get((user_id, device_id), ()))
-        usr = sum(len(v) for (u, _), v in self.devices.items() if u == user_id)
-        return succeed((dev, usr))
+        return succeed((len(self.devices.get((user_id, device_id), ())), self.per_user.get(user_id, 0)))
 
     def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
         """Record a socket; True when the device just came online."""
         sockets = self.devices.setdefault((user_id, device_id), {})
+        if socket_id not in sockets:
+            self.per_user[user_id] = self.per_user.get(user_id, 0) + 1
         sockets[socket_id] = auth_ms
         return succeed(len(sockets) == 1)
 
@@ -43,6 +44,11 @@ class LocalPresence:
         if not sockets or socket_id not in sockets:
             return succeed(False)
         del sockets[socket_id]
+        left = self.per_user.get(user_id, 1) - 1
+        if left > 0:
+            self.per_user[user_id] = left
+        else:
+            self.per_user.pop(user_id, None)
         if not sockets:
             del self.devices[key]
             return succeed(True)

@@ -199,6 +199,12 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
     def _txn_register(
         self, txn: Any, user_id: str, device_id: str, name: Optional[str], dtype: str, now: int
     ) -> Tuple[DeviceState, bool]:
+        # A returning device (the common case) only reads: no write, so no
+        # durable commit on the handshake path. Its last_seen is "now" from
+        # presence while it is online and is written when its last socket closes.
+        existing = self._txn_get_device(txn, user_id, device_id)
+        if existing is not None:
+            return existing, False
         self._execute(
             txn,
             "INSERT INTO users (user_id, head_seq, purged_below_seq, stored_bytes, created_at, last_activity)"
@@ -217,10 +223,6 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         created = txn.rowcount == 1
         device = self._txn_get_device(txn, user_id, device_id)
         assert device is not None
-        if not created and device.revoked_at is None:
-            self._execute(
-                txn, "UPDATE devices SET last_seen = ? WHERE user_id = ? AND device_id = ?", (now, user_id, device_id)
-            )
         return device, created
 
     def register_and_read_head(
