@@ -520,5 +520,6 @@ def make_factory(node: Any) -> WebSocketServerFactory:
         maxMessagePayloadSize=node.settings.max_preauth_message_bytes,
         autoFragmentSize=0,
         perMessageCompressionAccept=lambda offers: None,
+        webStatus=False,
     )
     return factory

@@ -173,7 +173,7 @@ def makeService(options: Options) -> MultiService:
     from .node import Node
     from .storage import open_storage
     from .storage.sync import migrate_now
-    from .web import build_app, build_site, metrics_site
+    from .web import Root, build_app, build_site, metrics_site
     from .writer import EventWriter
 
     settings: Settings = options["settings"]
@@ -216,8 +216,8 @@ def makeService(options: Options) -> MultiService:
         limits = RedisLimits(bus, settings.redis_prefix, reactor.seconds)
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)
     bus.control = node.on_control
-    app = build_app(node, make_factory(node))
-    site = build_site(app)
+    app = build_app(node)
+    site = build_site(Root(node, app, make_factory(node)))
 
     top = OrderedServices()
     _Storage(storage).setServiceParent(top)

@@ -12,6 +12,7 @@ from typing import Any, Tuple
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import __version__
@@ -19,23 +20,51 @@ from .api import install_api
 from .api.http import Api, ApiError, LimitedRequest, Raw
 
 
-def build_app(node: Any, ws_factory: Any) -> Klein:
-    """The Klein application serving ``/ws``, ``/health``, ``/metrics`` and the REST API."""
+def build_app(node: Any) -> Klein:
+    """The Klein application serving ``/health``, ``/metrics`` and the REST API."""
     app = Klein()
-    ws_resource = WebSocketResource(ws_factory)
-
-    @app.route("/ws", branch=False)
-    def ws(request: Any) -> Any:
-        if node.draining:
-            api.common_headers(request)
-            e = ApiError(503, "UNAVAILABLE", "Server draining", headers={"Retry-After": "5"})
-            return api.error(request, e, "/ws")
-        return ws_resource
-
     api = install_api(app, node)
     node.api = api
     add_health_routes(api, node, metrics_here=not node.settings.metrics_listen)
     return app
+
+
+class _Draining(Resource):
+    """503 for WebSocket upgrades while the node drains."""
+
+    isLeaf = True
+
+    def __init__(self, api: Api) -> None:
+        super().__init__()
+        self.api = api
+
+    def render(self, request: Any) -> bytes:
+        self.api.common_headers(request)
+        return self.api.error(request, ApiError(503, "UNAVAILABLE", "Server draining", headers={"Retry-After": "5"}), "/ws")
+
+
+class Root(Resource):
+    """
+    ``/ws`` goes straight to the WebSocket resource (the handshake path skips
+    Klein's routing); every other path goes to the Klein app.
+    """
+
+    def __init__(self, node: Any, app: Klein, ws_factory: Any) -> None:
+        super().__init__()
+        self.node = node
+        self.app_resource = app.resource()
+        self.ws = WebSocketResource(ws_factory)
+        self.draining = _Draining(node.api)
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        if path == b"ws" and not request.postpath:
+            return self.draining if self.node.draining else self.ws
+        # Hand the whole path to Klein, which routes on prepath/postpath itself.
+        request.postpath.insert(0, request.prepath.pop())
+        return self.app_resource
+
+    def render(self, request: Any) -> Any:
+        return self.app_resource.render(request)
 
 
 def add_health_routes(api: Api, node: Any, metrics_here: bool = True) -> None:
@@ -75,9 +104,10 @@ async def metrics_route(request: Any, caller: Any) -> Tuple[int, Any]:
     return 200, Raw(CONTENT_TYPE_LATEST, generate_latest())
 
 
-def build_site(app: Klein) -> Site:
-    """A Site for the app with the 64 KiB body limit; no access log (pairing codes are in paths)."""
-    site = Site(app.resource(), requestFactory=LimitedRequest)
+def build_site(root: Any) -> Site:
+    """A Site for ``root`` (a Klein app or resource) with the 64 KiB body limit; no access log (pairing codes are in paths)."""
+    resource = root.resource() if isinstance(root, Klein) else root
+    site = Site(resource, requestFactory=LimitedRequest)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # silence the access log per instance
     return site

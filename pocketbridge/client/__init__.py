@@ -13,7 +13,7 @@ The PocketBridge client SDK (protocol v1 and v2).
   ``Client(...)`` alone still speaks v1 for existing callers.
 - ``ReconnectingClient`` / ``RetryPolicy``: the §11 close-code policy (``reconnect``).
 
-The SDK does no payload encryption: ``encrypted_payload`` is whatever
+Payloads are encrypted end to end with ``payload.PayloadKey`` (the CLI does so).
 base64 the caller passes (v2 encrypts the channel, not the payloads).
 """
 
