@@ -13,8 +13,9 @@ The PocketBridge client SDK (protocol v1 and v2).
   ``Client(...)`` alone still speaks v1 for existing callers.
 - ``ReconnectingClient`` / ``RetryPolicy``: the §11 close-code policy (``reconnect``).
 
-Payloads are encrypted end to end with ``payload.PayloadKey`` (the CLI does so).
-base64 the caller passes (v2 encrypts the channel, not the payloads).
+``encrypted_payload`` is whatever base64 the caller passes: the v2 channel
+encrypts frames, and ``payload.PayloadKey`` encrypts payloads end to end with
+a key derived from the user identity (the CLI uses it; ``docs/pairing.md``).
 """
 
 from pocketbridge.client.acks import AckTracker
