@@ -357,15 +357,26 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         self, txn: Any, user_id: str, after: int, upto: int, exclude: Optional[str], limit: int, max_bytes: int, now: int
     ) -> Tuple[List[StoredEvent], bool]:
         where = "user_id = ? AND seq > ? AND seq <= ? AND (ttl IS NULL OR ttl > ?)"
-        params: List[Any] = [user_id, after, upto, now]
+        tail: List[Any] = [now]
         if exclude is not None:
             where += " AND device_id <> ?"
-            params.append(exclude)
+            tail.append(exclude)
         # Sizes first, so a page of large events never loads more than it sends.
-        self._execute(
-            txn, "SELECT seq, payload_size + LENGTH(stream_id) + LENGTH(type) FROM events WHERE " + where
-            + " ORDER BY seq LIMIT ?", params + [limit + 1])
-        sizes = txn.fetchall()
+        # Read them in growing seq windows: each statement scans a bounded
+        # range whatever plan the database picks (without statistics a plain
+        # "seq > after ORDER BY seq LIMIT" can scan the user's whole backlog).
+        sizes: List[Any] = []
+        low, window = after, max(2 * (limit + 1), 256)
+        while True:
+            high = min(upto, low + window)
+            self._execute(
+                txn, "SELECT seq, payload_size + LENGTH(stream_id) + LENGTH(type) FROM events WHERE " + where
+                + " ORDER BY seq LIMIT ?", [user_id, low, high] + tail + [limit + 1 - len(sizes)])
+            sizes.extend(txn.fetchall())
+            if len(sizes) > limit or high >= upto:
+                break
+            low, window = high, window * 2
+        params: List[Any] = [user_id, after, upto] + tail
         if not sizes:
             return [], False
         total = 0
