@@ -20,7 +20,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pocketbridge import crypto
-from pocketbridge.cli import CliError, build_parser, cmd_keygen, describe, format_event
+from pocketbridge.cli import build_parser
+from pocketbridge.cli_commands import cmd_keygen
+from pocketbridge.cli_support import CliError, describe
+from pocketbridge.cli_watch import render
 from pocketbridge.client import (
     AckTracker,
     Client,
@@ -603,7 +606,7 @@ class CliTests(SynchronousTestCase):
         """Run keygen and return its stdout lines."""
         out = io.StringIO()
         args = build_parser().parse_args(["keygen", "--keys", self.path, *argv])
-        self.assertEqual(cmd_keygen(args, out, io.StringIO()), 0)
+        self.assertEqual(cmd_keygen(args, out), 0)
         return out.getvalue().splitlines()
 
     def test_keygen_prints_ids_not_seed(self) -> None:
@@ -621,18 +624,20 @@ class CliTests(SynchronousTestCase):
         self.assertRaises(CliError, self.keygen)
         second_path = os.path.join(self.dir, "second.json")
         args = build_parser().parse_args(["keygen", "--device-keys", second_path, "--from", self.path])
-        cmd_keygen(args, io.StringIO(), io.StringIO())
+        cmd_keygen(args, io.StringIO())
         second = DeviceKeys.load(second_path)
         self.assertEqual(second.user_id, first.user_id)
         self.assertNotEqual(second.device_id, first.device_id)
 
     def test_format_and_describe(self) -> None:
-        """Events print as one summary line; errors describe close codes in one line."""
-        line = format_event({"seq": 3, "stream_id": "clipboard:main", "type": "clipboard:text",
-                             "encrypted_payload": "aGVsbG8="}, as_json=False)
-        self.assertEqual(line, "seq=3 stream=clipboard:main type=clipboard:text size=5")
+        """Events print as a summary line and their text; errors describe close codes and refusals in one line."""
+        line = render({"seq": 3, "stream_id": "clipboard:main", "type": "clipboard:text",
+                       "encrypted_payload": "aGVsbG8="}, b"hello", "text")
+        self.assertEqual(line, b"seq=3 stream=clipboard:main type=clipboard:text\nhello\n")
         self.assertEqual(describe(ConnectionClosed(4029, "x; retry after 2 s")),
-                         "server closed the connection: 4029 x; retry after 2 s")
-        self.assertEqual(describe(ConnectionRefusedError()), "connection refused")
+                         "rate limited by the server (x; retry after 2 s); try again later")
+        from twisted.internet.error import ConnectionRefusedError as Refused
+
+        self.assertEqual(describe(Refused()), "cannot connect to: connection refused")
         self.assertIsInstance(build_parser().parse_args(["send", "--url", "ws://x/ws", "--stream", "s",
                                                          "--type", "t", "--ttl", "5"]), argparse.Namespace)

@@ -196,18 +196,24 @@ class V1Handshake:
 
     def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
         """Check a ``session_established`` payload and return it as a dict."""
-        if self.state != "auth_sent":
-            raise HandshakeError("unexpected session_established")
-        if payload.get("device_id") != self.device_id.lower():
-            raise HandshakeError("session_established for another device_id")
-        last = payload.get("last_ack_device_seq")
-        if not is_wire_int(last) or last < 0:
-            raise HandshakeError("session_established without an integer last_ack_device_seq")
-        version = payload.get("protocol_version", 1)
-        if not is_wire_int(version) or version != 1:
-            raise HandshakeError("session_established with protocol_version {!r}".format(version))
+        checked = check_session_established(self.state, self.device_id, payload, 1)
         self.state = "established"
-        return dict(payload)
+        return checked
+
+
+def check_session_established(state: str, device_id: str, payload: Mapping[str, Any], version: int) -> Dict[str, Any]:
+    """A ``session_established`` payload checked against the handshake (both versions); HandshakeError otherwise."""
+    if state != "auth_sent":
+        raise HandshakeError("unexpected session_established")
+    if payload.get("device_id") != device_id.lower():
+        raise HandshakeError("session_established for another device_id")
+    last = payload.get("last_ack_device_seq")
+    if not is_wire_int(last) or last < 0:
+        raise HandshakeError("session_established without an integer last_ack_device_seq")
+    got = payload.get("protocol_version", version)
+    if not is_wire_int(got) or got != version:
+        raise HandshakeError("session_established with protocol_version {!r}".format(got))
+    return dict(payload)
 
 
 def _check_server_hello_fields(payload: Mapping[str, Any]) -> Dict[str, str]:
@@ -379,15 +385,6 @@ class V2Handshake:
 
     def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
         """Check a ``session_established`` payload (the first encrypted server frame)."""
-        if self.state != "auth_sent":
-            raise HandshakeError("unexpected session_established")
-        if payload.get("device_id") != self.device_id.lower():
-            raise HandshakeError("session_established for another device_id")
-        last = payload.get("last_ack_device_seq")
-        if not is_wire_int(last) or last < 0:
-            raise HandshakeError("session_established without an integer last_ack_device_seq")
-        version = payload.get("protocol_version", 2)
-        if not is_wire_int(version) or version != 2:
-            raise HandshakeError("session_established with protocol_version {!r}".format(version))
+        checked = check_session_established(self.state, self.device_id, payload, 2)
         self.state = "established"
-        return dict(payload)
+        return checked

@@ -479,8 +479,12 @@ class Client(V2ClientMixin):
                 payload[key] = value
         if self.keys is not None and is_wire_int(device_seq):
             self.keys.next_device_seq = max(self.keys.next_device_seq, device_seq + 1)
+        try:
+            raw.send_json({"type": "event", "payload": payload})
+        except ConnectionClosed as e:  # closing under us: fail this send, register nothing
+            return fail(e)
+        # Registered after the write: an ack cannot arrive before the reactor runs again.
         d = self._acks.expect(payload.get("event_id"), payload.get("device_seq"))
-        raw.send_json({"type": "event", "payload": payload})
         if timeout is not None:
             d.addTimeout(timeout, self.reactor)
         return d
