@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
+import orjson
 from twisted.internet.defer import Deferred, succeed
 
 SocketMap = Dict[str, Dict[str, int]]  # device_id → {socket_key: auth_ms}
@@ -65,6 +66,14 @@ class LocalPresence:
     def refresh(self) -> "Deferred[None]":
         """Nothing expires in-process."""
         return succeed(None)
+
+    def publish_node(self, node_id: str, stats: Dict[str, Any]) -> "Deferred[None]":
+        """One process: nothing to share."""
+        return succeed(None)
+
+    def node_stats(self) -> "Deferred[List[Dict[str, Any]]]":
+        """Other nodes' stats: none in the embedded shape."""
+        return succeed([])
 
     def sweep(self, now_ms: int) -> "Deferred[List[Tuple[str, str]]]":
         """Nothing expires in-process."""
@@ -211,6 +220,33 @@ class RedisPresence:
                 await conn.hset(self._key(user), self._field(device, sock), "{}|{}".format(auth, exp))
                 await conn.execute_command("PEXPIRE", self._key(user), self.ttl_ms)
                 await conn.sadd(self.users_key, user)
+
+        return Deferred.fromCoroutine(run())
+
+    def publish_node(self, node_id: str, stats: Dict[str, Any]) -> "Deferred[None]":
+        """Share this node's /admin/stats line (valid for one presence TTL)."""
+
+        async def run() -> None:
+            entry = dict(stats, expires_at=self.now_ms() + self.ttl_ms)
+            await self._conn().hset(self.prefix + "nodes", node_id, orjson.dumps(entry))
+
+        return Deferred.fromCoroutine(run())
+
+    def node_stats(self) -> "Deferred[List[Dict[str, Any]]]":
+        """The live stats lines of every node that refreshed within the TTL (expired ones are removed)."""
+
+        async def run() -> List[Dict[str, Any]]:
+            conn = self._conn()
+            raw = await conn.hgetall(self.prefix + "nodes")
+            now = self.now_ms()
+            out: List[Dict[str, Any]] = []
+            for field, value in (raw or {}).items():
+                entry = orjson.loads(value)
+                if entry.pop("expires_at", 0) > now:
+                    out.append(entry)
+                else:
+                    await conn.hdel(self.prefix + "nodes", field)
+            return out
 
         return Deferred.fromCoroutine(run())
 

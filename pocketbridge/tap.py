@@ -95,7 +95,12 @@ class _Loops(Service):
         self.refresh.clock = node.clock
 
     def _refresh(self) -> None:
-        self.node.presence.refresh().addErrback(lambda f: log.warn("presence refresh failed: {e}", e=f.getErrorMessage()))
+        from .api.admin import node_stats
+
+        node = self.node
+        node.presence.refresh().addErrback(lambda f: log.warn("presence refresh failed: {e}", e=f.getErrorMessage()))
+        node.presence.publish_node(node.node_id, node_stats(node)).addErrback(
+            lambda f: log.warn("node stats publish failed: {e}", e=f.getErrorMessage()))
 
     def startService(self) -> None:
         super().startService()

@@ -657,3 +657,27 @@ class ClusterTests(TestCase):
         for n in nodes:
             self.assertGreater(await self.metric(n, "pocketbridge_job_runs_total", job="event_ttl"), 0,
                                "a node never ran the TTL job")
+
+    async def test_admin_stats_lists_every_live_node(self) -> None:
+        """/admin/stats through node 1 lists both nodes, with the device connected to node 2 counted there."""
+        key = "k" * 40
+        env = {"ADMIN_API_KEY": key}
+        database_url = create_database(self).url
+        prefix = "pbtest:{}:".format(secrets.token_hex(6))
+        admin = RedisAdmin(redis_url())
+        self.addCleanup(admin.delete_prefix, prefix)
+        node_args = BASE_ARGS + ["--redis-prefix", prefix, "--presence-ttl", "3"]
+        n1 = await start_server(self, backend="postgresql", database_url=database_url, redis=True, args=node_args, env=env)
+        n2 = await start_server(self, backend="postgresql", database_url=database_url, redis=True, args=node_args, env=env)
+        await self.online(n2, Identity.generate())
+        anon = RestClient(reactor, n1.http_url)
+
+        async def both_nodes() -> Any:
+            resp = await anon.get("/admin/stats", sign=False, headers={"Authorization": "Bearer " + key})
+            self.assertEqual(resp.status, 200, resp)
+            lines = resp.json["nodes"]
+            return lines if len(lines) == 2 and sum(n["devices_online"] for n in lines) == 1 else None
+
+        lines = await self.until(both_nodes, "both nodes in /admin/stats", timeout=8)
+        self.assertEqual(len({n["node_id"] for n in lines}), 2)
+        self.assertEqual([n["devices_online"] for n in lines], [0, 1])  # node 1 (answering) first
