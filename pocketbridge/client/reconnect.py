@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferTimeoutError
@@ -28,6 +27,7 @@ from twisted.logger import Logger
 from pocketbridge.client.connection import ABNORMAL_CLOSE, ConnectionClosed
 from pocketbridge.client.handshake import HandshakeError, ServerKeyChanged
 from pocketbridge.client.session import Client
+from pocketbridge.client.v2 import SeenEvents
 
 log = Logger()
 
@@ -109,26 +109,12 @@ class RetryPolicy:
         return RetryDecision(True, self.backoff(attempt), "backoff")
 
 
-class EventDeduper:
+class EventDeduper(SeenEvents):
     """Remembers the last ``capacity`` event ids; ``is_new`` is False for repeats."""
-
-    def __init__(self, capacity: int = 10000) -> None:
-        self.capacity = capacity
-        self._seen: "OrderedDict[str, None]" = OrderedDict()
 
     def is_new(self, event: Dict[str, Any]) -> bool:
         """True the first time an ``event_id`` is seen (events without one are always new)."""
-        event_id = event.get("event_id")
-        if not isinstance(event_id, str):
-            return True
-        key = event_id.lower()
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            return False
-        self._seen[key] = None
-        if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
-        return True
+        return self.add(event)
 
 
 class ReconnectingClient:
