@@ -354,8 +354,13 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         return self.run("read_page", self._txn_read_page, user_id, after, upto, exclude_device, limit, max_bytes, now)
 
     def _txn_read_page(
-        self, txn: Any, user_id: str, after: int, upto: int, exclude: Optional[str], limit: int, max_bytes: int, now: int
+        self, txn: Any, user_id: str, after: int, upto: int, exclude: Optional[str], limit: int, max_bytes: int, now: int,
+        payload_only: bool = False,
     ) -> Tuple[List[StoredEvent], bool]:
+        """
+        ``read_page`` in a transaction. ``max_bytes`` bounds the serialized
+        events, or with ``payload_only`` just the sum of their payloads.
+        """
         where = "user_id = ? AND seq > ? AND seq <= ? AND (ttl IS NULL OR ttl > ?)"
         tail: List[Any] = [now]
         if exclude is not None:
@@ -370,7 +375,7 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         while True:
             high = min(upto, low + window)
             self._execute(
-                txn, "SELECT seq, payload_size + LENGTH(stream_id) + LENGTH(type) FROM events WHERE " + where
+                txn, "SELECT seq, payload_size, LENGTH(stream_id) + LENGTH(type) FROM events WHERE " + where
                 + " ORDER BY seq LIMIT ?", [user_id, low, high] + tail + [limit + 1 - len(sizes)])
             sizes.extend(txn.fetchall())
             if len(sizes) > limit or high >= upto:
@@ -382,8 +387,8 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         total = 0
         last = None
         count = 0
-        for seq, size in sizes[:limit]:
-            cost = int(size) + RELAY_OVERHEAD
+        for seq, size, ids in sizes[:limit]:
+            cost = int(size) if payload_only else int(size) + int(ids) + RELAY_OVERHEAD
             if count and total + cost > max_bytes:
                 break
             total += cost

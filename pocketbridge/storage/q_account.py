@@ -140,26 +140,8 @@ class AccountQueries:
     def _txn_events_page(
         self, txn: Any, user_id: str, after: int, limit: int, max_payload: int, now: int
     ) -> "Tuple[List[StoredEvent], bool]":
-        from .base import EVENT_COLUMNS, _stored
-
-        where = "user_id = ? AND seq > ? AND (ttl IS NULL OR ttl > ?)"
-        params: List[Any] = [user_id, after, now]
-        # Sizes first, so a page of large events never loads more than it returns.
-        self._execute(txn, "SELECT seq, payload_size FROM events WHERE " + where + " ORDER BY seq LIMIT ?",
-                      params + [limit + 1])
-        sizes = txn.fetchall()
-        if not sizes:
-            return [], False
-        total = 0
-        last = after
-        count = 0
-        for seq, size in sizes[:limit]:
-            if count and total + int(size) > max_payload:
-                break
-            total += int(size)
-            last = int(seq)
-            count += 1
-        more = len(sizes) > count
-        self._execute(txn, "SELECT " + EVENT_COLUMNS + " FROM events WHERE " + where + " AND seq <= ? ORDER BY seq",
-                      params + [last])
-        return [_stored(r) for r in txn.fetchall()], more
+        # The catch-up page reader, over every device's events up to the head,
+        # bounded by payload bytes only.
+        head, _ = self._txn_user_state(txn, user_id)  # type: ignore[attr-defined]
+        return self._txn_read_page(  # type: ignore[attr-defined,no-any-return]
+            txn, user_id, after, head, None, limit, max_payload, now, payload_only=True)
