@@ -350,6 +350,12 @@ class Client(V2ClientMixin):
         seq = event.get("seq")
         if is_wire_int(seq) and seq > self.last_seq:
             self.last_seq = seq
+        self._record_event(event)
+        if self.keep_history:
+            self._events.put(event)
+
+    def _record_event(self, event: Dict[str, Any]) -> None:
+        """Keep a received event in the history and give it to ``on_event`` (both versions)."""
         if self.keep_history:
             self.events_received.append(event)
         if self.on_event is not None:
@@ -357,8 +363,6 @@ class Client(V2ClientMixin):
                 self.on_event(event)
             except Exception:
                 log.failure("on_event callback failed")
-        if self.keep_history:
-            self._events.put(event)
 
     def _receive_page(self, page: Dict[str, Any]) -> None:
         """A replay_response: its events, then the request it answers."""

@@ -66,6 +66,8 @@ class V2ClientMixin:
 
         def _connected(self) -> RawConnection: ...
 
+        def _record_event(self, event: Dict[str, Any]) -> None: ...
+
     @property
     def last_received_seq(self) -> int:
         """The highest event ``seq`` received, over all connections (v2 ``resume_from``)."""
@@ -117,13 +119,7 @@ class V2ClientMixin:
             new.append(event)
             if page:
                 self._catchup.events.append(event)
-            if self.keep_history:
-                self.events_received.append(event)
-            if self.on_event is not None:
-                try:
-                    self.on_event(event)
-                except Exception:
-                    log.failure("on_event callback failed")
+            self._record_event(event)
         if self.auto_ack:
             if page or self.ack_interval <= 0:
                 self._v2_flush_ack()
