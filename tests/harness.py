@@ -81,7 +81,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
-from typing import IO, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -589,6 +589,23 @@ def _delete_redis_keys(prefix: str) -> None:
         if keys:
             subprocess.run([cli, "-u", url, "DEL", *keys], capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        pass
+
+
+async def drop_connection(get_conn: Callable[[], Any]) -> None:
+    """
+    Test cleanup: abort the connection ``get_conn()`` returns (a RawConnection,
+    or None) if it is still open, and wait up to 5 s until it is gone.
+    """
+    conn = get_conn()
+    if conn is None or conn.close_info is not None:
+        return
+    d = conn.closed
+    conn.abort()
+    d.addTimeout(5, reactor)
+    try:
+        await d
+    except Exception:
         pass
 
 

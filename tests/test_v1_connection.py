@@ -34,7 +34,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity, RawConnection
-from tests.harness import ExitResult, PostgresMixin, ServerProcess, SQLiteMixin, make_server, start_server
+from tests.harness import ExitResult, PostgresMixin, ServerProcess, SQLiteMixin, drop_connection, make_server, start_server
 
 DAY_MS = 86_400_000
 ROTATION = (1001, "Session key rotation required")
@@ -146,29 +146,17 @@ class ConnectionTestMixin(_TestCaseBase):
         """A healthy server on this class's backend with the given options."""
         return await start_server(self, args=list(args), env=env)
 
-    async def _shut(self, get_conn: Callable[[], Optional[RawConnection]]) -> None:
-        conn = get_conn()
-        if conn is None or conn.close_info is not None:
-            return
-        d = conn.closed
-        conn.abort()
-        d.addTimeout(5, reactor)
-        try:
-            await d
-        except Exception:
-            pass
-
     async def open_raw(self, server: ServerProcess) -> RawConnection:
         """An open WebSocket to ``server`` with nothing sent yet; dropped after the test."""
         conn = await RawConnection.open(reactor, server.ws_url)
-        self.addCleanup(self._shut, lambda: conn)
+        self.addCleanup(drop_connection, lambda: conn)
         return conn
 
     async def connect(self, server: ServerProcess, identity: Identity, device_id: Optional[str] = None,
                       **kwargs: Any) -> Client:
         """A ``Client`` of ``identity`` that has completed the handshake; closed after the test."""
         client = Client(reactor, server.ws_url, identity, device_id=device_id, handshake_timeout=10, **kwargs)
-        self.addCleanup(self._shut, lambda: client.raw)
+        self.addCleanup(drop_connection, lambda: client.raw)
         await client.connect()
         return client
 

@@ -43,7 +43,7 @@ from pocketbridge.client import (
     server_address,
 )
 from pocketbridge.client.handshake import envelope_payload
-from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
+from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, drop_connection, start_server
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -114,7 +114,7 @@ class V2Tests(_Base):
         """A (not yet connected) client of ``identity``, dropped after the test."""
         client = Client(reactor, server.ws_url, identity, protocol_version=version, handshake_timeout=TIMEOUT,
                         **kwargs)
-        self.addCleanup(self._drop, lambda: client.raw)
+        self.addCleanup(drop_connection, lambda: client.raw)
         return client
 
     async def online(self, server: ServerProcess, identity: Identity, version: int = 2, **kwargs: Any) -> Client:
@@ -125,24 +125,11 @@ class V2Tests(_Base):
             await client.wait_caught_up(TIMEOUT)
         return client
 
-    async def _drop(self, get_conn: Any) -> None:
-        """Cleanup: drop a connection that is still open and wait until it is gone."""
-        conn = get_conn()
-        if conn is None or conn.close_info is not None:
-            return
-        d = conn.closed
-        conn.abort()
-        d.addTimeout(5, reactor)
-        try:
-            await d
-        except Exception:
-            pass
-
     async def raw_v2(self, server: ServerProcess, identity: Optional[Identity] = None,
                      device_id: Optional[str] = None, **auth: Any) -> Tuple[RawConnection, V2Handshake, Dict[str, Any]]:
         """A socket past server_hello with the v2 codec installed, frames recorded: (raw, handshake, client_auth)."""
         raw = await RawConnection.open(reactor, server.ws_url)
-        self.addCleanup(self._drop, lambda: raw)
+        self.addCleanup(drop_connection, lambda: raw)
         raw.record_frames = True
         hs = V2Handshake(identity or Identity.generate(), device_id or new_id(), pins={},
                          server_address=server_address(server.ws_url), **auth)
@@ -324,7 +311,7 @@ class V2Tests(_Base):
         keys = DeviceKeys.generate(device_name="laptop")
         keys.save(path)
         first = Client.for_device(reactor, server.ws_url, keys, keys_path=path, handshake_timeout=TIMEOUT)
-        self.addCleanup(self._drop, lambda: first.raw)
+        self.addCleanup(drop_connection, lambda: first.raw)
         await first.connect()
         await first.close()
         old_pin = DeviceKeys.load(path).pinned_server_key(server.ws_url)
@@ -336,14 +323,14 @@ class V2Tests(_Base):
         await server.restart()
         second = Client.for_device(reactor, server.ws_url, DeviceKeys.load(path), keys_path=path,
                                    handshake_timeout=TIMEOUT)
-        self.addCleanup(self._drop, lambda: second.raw)
+        self.addCleanup(drop_connection, lambda: second.raw)
         with self.assertRaises(ServerKeyChanged):
             await second.connect()
         self.assertEqual(DeviceKeys.load(path).pinned_server_key(server.ws_url), old_pin)
 
         third = Client.for_device(reactor, server.ws_url, DeviceKeys.load(path), keys_path=path,
                                   server_key=new_pub, handshake_timeout=TIMEOUT)
-        self.addCleanup(self._drop, lambda: third.raw)
+        self.addCleanup(drop_connection, lambda: third.raw)
         await third.connect()
         self.assertEqual(DeviceKeys.load(path).pinned_server_key(server.ws_url), new_pub)
 
@@ -726,7 +713,7 @@ class V2Tests(_Base):
         server = await self.start(["--session-max-age", "3"])
         user = Identity.generate()
         a = Client.v2(reactor, server.ws_url, user, handshake_timeout=TIMEOUT)
-        self.addCleanup(self._drop, lambda: a.raw)
+        self.addCleanup(drop_connection, lambda: a.raw)
         watcher = self.device(server, user)
         connections: List[Dict[str, Any]] = []
         closes: List[Optional[int]] = []

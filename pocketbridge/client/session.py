@@ -493,23 +493,8 @@ class Client(V2ClientMixin):
             d.addTimeout(timeout, self.reactor)
         return d
 
-    def send_event(
-        self,
-        stream_id: str,
-        type: str,
-        encrypted_payload: str,
-        ttl: Optional[int] = None,
-        event_id: Optional[str] = None,
-        device_seq: Optional[int] = None,
-        user_id: Optional[str] = None,
-        *,
-        extra: Optional[Mapping[str, Any]] = None,
-        timeout: Optional[float] = None,
-    ) -> "Deferred[Dict[str, Any]]":
-        """Same as ``send_event_nowait``; spelled for ``await c.send_event(...)``."""
-        return self.send_event_nowait(
-            stream_id, type, encrypted_payload, ttl, event_id, device_seq, user_id, extra=extra, timeout=timeout
-        )
+    #: ``await c.send_event(...)`` reads better; it is the same method.
+    send_event = send_event_nowait
 
     def ack(self, device_seq: int) -> None:
         """
