@@ -1,0 +1,1 @@
+-- Event-path statements that use an index at any table size (issue 9): filled in by this change.

@@ -1,0 +1,1 @@
+-- Hardening of the REST API (issue 9): filled in by this change.
