@@ -51,6 +51,13 @@ class LocalLimits:
         self._bucket(name, key, rate, burst).take(n)
         return succeed(None)
 
+    def refund(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
+        """Give back ``n`` tokens taken earlier, never filling the bucket past ``burst``."""
+        bucket = self._bucket(name, key, rate, burst)
+        bucket.take(0.0)  # refill up to now first
+        bucket.tokens = min(bucket.burst, bucket.tokens + n)
+        return succeed(None)
+
     def window(self, name: str, key: str, window_s: float, add: int = 0) -> "Deferred[Tuple[int, int]]":
         """Add to a fixed window counter; fires with (count, seconds until it resets)."""
         now = self.now()
@@ -92,6 +99,7 @@ local need = math.min(n, burst)
 local wait = 0
 if tokens < need then wait = (need - tokens) / rate end
 if mode == 'charge' or (mode == 'take' and wait == 0) then tokens = tokens - n end
+if mode == 'refund' then tokens = math.min(burst, tokens + n); wait = 0 end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return tostring(wait)
@@ -142,6 +150,11 @@ class RedisLimits:
 
     def charge(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
         d: "Deferred[Any]" = self._bucket_op("charge", name, key, rate, burst, n)
+        d.addCallback(lambda _: None)
+        return d
+
+    def refund(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
+        d: "Deferred[Any]" = self._bucket_op("refund", name, key, rate, burst, n)
         d.addCallback(lambda _: None)
         return d
 
