@@ -172,6 +172,7 @@ def makeService(options: Options) -> MultiService:
     """Wire the server from its options."""
     from twisted.internet import reactor
 
+    from .admission import Admission, AdmissionFactory, raise_fd_limit
     from .gateway import make_factory
     from .hub import DeliveryHub, LocalBus
     from .keys import load_server_key
@@ -222,7 +223,13 @@ def makeService(options: Options) -> MultiService:
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)
     bus.control = node.on_control
     app = build_app(node)
-    site = build_site(Root(node, app, make_factory(node)))
+    site = build_site(Root(node, app, make_factory(node)), reactor)
+    old_soft, fd_soft, fd_hard = raise_fd_limit()
+    admission = Admission.from_settings(reactor, settings, fd_soft)
+    log.info("file descriptors: soft limit {old} raised to {soft} (hard limit {hard}); client connections per node "
+             "{cap} ({reserved} of them for /health and /metrics only), per IP {per_ip}",
+             old=old_soft, soft=fd_soft, hard=fd_hard, cap=admission.node_cap, reserved=admission.reserved,
+             per_ip=admission.per_ip)
 
     top = OrderedServices()
     _Storage(storage).setServiceParent(top)
@@ -234,7 +241,7 @@ def makeService(options: Options) -> MultiService:
         endpoint = serverFromString(reactor, settings.listen)
     except (ValueError, TypeError, KeyError) as e:
         raise _fail("configuration error: --listen: {}".format(_one_line(e)))
-    web = StreamServerEndpointService(endpoint, site)
+    web = StreamServerEndpointService(endpoint, AdmissionFactory(site, admission, _refuse_with_none(settings.listen)))
     web._raiseSynchronously = True
     web.setServiceParent(top)
     from .jobs import Jobs
@@ -245,7 +252,9 @@ def makeService(options: Options) -> MultiService:
             m_endpoint = serverFromString(reactor, settings.metrics_listen)
         except (ValueError, TypeError, KeyError) as e:
             raise _fail("configuration error: --metrics-listen: {}".format(_one_line(e)))
-        StreamServerEndpointService(m_endpoint, metrics_site(node)).setServiceParent(top)
+        StreamServerEndpointService(
+            m_endpoint, AdmissionFactory(metrics_site(node), admission, _refuse_with_none(settings.metrics_listen)),
+        ).setServiceParent(top)
 
     log.info("PocketBridge {version} node {node} listening on {listen}; storage {storage}; server key {pub}",
              version=_version(), node=node_id, listen=settings.listen,
@@ -257,6 +266,11 @@ def makeService(options: Options) -> MultiService:
     if settings.listen.startswith("tcp") and not settings.trusted_proxies:
         log.warn("listening on plain TCP without a trusted proxy: use TLS (ssl:...) in production")
     return top
+
+
+def _refuse_with_none(listen: str) -> bool:
+    """Whether the endpoint hands our factory's None to the reactor (plain TCP, UNIX) rather than to a wrapper such as TLS."""
+    return listen.split(":", 1)[0].lower() in ("tcp", "tcp6", "unix")
 
 
 def _version() -> str:

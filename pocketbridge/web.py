@@ -16,8 +16,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from . import __version__
+from .admission import RESTRICTED_PATHS, AdmittedRequest, admitted_connection
 from .api import install_api
-from .api.http import Api, ApiError, LimitedRequest, Raw
+from .api.http import Api, ApiError, Raw
 
 
 def build_app(node: Any) -> Klein:
@@ -33,6 +34,7 @@ class _Draining(Resource):
     """503 for WebSocket upgrades while the node drains."""
 
     isLeaf = True
+    message = "Server draining"
 
     def __init__(self, api: Api) -> None:
         super().__init__()
@@ -40,7 +42,14 @@ class _Draining(Resource):
 
     def render(self, request: Any) -> bytes:
         self.api.common_headers(request)
-        return self.api.error(request, ApiError(503, "UNAVAILABLE", "Server draining", headers={"Retry-After": "5"}), "/ws")
+        route = "/ws" if request.path == b"/ws" else "(full)"
+        return self.api.error(request, ApiError(503, "UNAVAILABLE", self.message, headers={"Retry-After": "5"}), route)
+
+
+class _Full(_Draining):
+    """503 for a request other than /health or /metrics on a connection admitted in the node's last slots."""
+
+    message = "Server full"
 
 
 class Root(Resource):
@@ -55,8 +64,11 @@ class Root(Resource):
         self.app_resource = app.resource()
         self.ws = WebSocketResource(ws_factory)
         self.draining = _Draining(node.api)
+        self.full = _Full(node.api)
 
     def getChild(self, path: bytes, request: Any) -> Any:
+        if self._restricted(request):
+            return self.full
         if path == b"ws" and not request.postpath:
             return self.draining if self.node.draining else self.ws
         # Hand the whole path to Klein, which routes on prepath/postpath itself.
@@ -64,7 +76,15 @@ class Root(Resource):
         return self.app_resource
 
     def render(self, request: Any) -> Any:
+        if self._restricted(request):
+            return self.full.render(request)
         return self.app_resource.render(request)
+
+    @staticmethod
+    def _restricted(request: Any) -> bool:
+        """True when the request came on a connection that may only ask for /health or /metrics."""
+        conn = admitted_connection(request)
+        return conn is not None and conn.restricted and request.path not in RESTRICTED_PATHS
 
 
 def add_health_routes(api: Api, node: Any, metrics_here: bool = True) -> None:
@@ -104,10 +124,14 @@ async def metrics_route(request: Any, caller: Any) -> Tuple[int, Any]:
     return 200, Raw(CONTENT_TYPE_LATEST, generate_latest())
 
 
-def build_site(root: Any) -> Site:
-    """A Site for ``root`` (a Klein app or resource) with the 64 KiB body limit; no access log (pairing codes are in paths)."""
+def build_site(root: Any, reactor: Any = None) -> Site:
+    """
+    A Site for ``root`` (a Klein app or resource) with the 64 KiB body limit;
+    no access log (pairing codes are in paths). Its requests report head and
+    body progress when the site is wrapped in an ``AdmissionFactory``.
+    """
     resource = root.resource() if isinstance(root, Klein) else root
-    site = Site(resource, requestFactory=LimitedRequest)
+    site = Site(resource, requestFactory=AdmittedRequest, reactor=reactor)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]  # silence the access log per instance
     return site
