@@ -155,6 +155,8 @@ class HonestTraffic:
         self.delivery: Dict[str, Dict[str, float]] = {"v2": {}, "v1": {}}  # first arrival latency
         self.health: List[float] = []  # response times; inf for a failure
         self.health_errors: List[str] = []
+        self.probes: List[float] = []  # seconds a new device took to connect
+        self.probe_errors: List[str] = []
         self.rss: List[float] = []
         self.fds: List[int] = []
         self.clients: Dict[str, Client] = {}
@@ -270,6 +272,23 @@ class HonestTraffic:
             self.rss.append(rss_mb(pid))
             self.fds.append(open_fds(pid))
 
+    async def probe_connect(self, timeout: float = 5.0) -> float:
+        """Connect a new v2 device of the user and close it: seconds to ``session_established`` (inf on failure)."""
+        client = Client(reactor, self.server.ws_url, self.identity, protocol_version=2, handshake_timeout=timeout,
+                        keep_history=False, device_name="honest-probe")
+        started = time.monotonic()
+        try:
+            await client.connect()
+            elapsed = time.monotonic() - started
+            await client.close()
+        except Exception as e:
+            self.probe_errors.append("{}: {}".format(type(e).__name__, e))
+            elapsed = float("inf")
+            if client.raw is not None:
+                client.raw.abort()
+        self.probes.append(elapsed)
+        return elapsed
+
     def stop_sending(self) -> None:
         """Stop the sender loop (receivers, polls and samples go on)."""
         if self._loops and self._loops[0].running:
@@ -307,6 +326,8 @@ class HonestTraffic:
             "health_polls": len(self.health),
             "health_max_ms": _ms(max(self.health, default=0.0)),
             "health_errors": sorted(set(self.health_errors))[:3],
+            "probe_max_ms": _ms(max(self.probes, default=0.0)),
+            "probe_errors": sorted(set(self.probe_errors))[:3],
             "rss_start_mb": round(self.rss_start, 1),
             "rss_max_mb": round(max(self.rss, default=0.0), 1),
             "rss_growth_mb": round(max(self.rss, default=self.rss_start) - self.rss_start, 1),
@@ -329,7 +350,8 @@ class HonestTraffic:
         """
         Fail ``testcase`` unless: every event sent was acked and reached each of
         ``receivers`` exactly once, ack, delivery (at ``latency_receivers``,
-        default all) and /health stayed under ``max_latency`` s, no honest socket
+        default all), /health and new connections (``probe_connect``) stayed
+        under ``max_latency`` s, no honest socket
         was closed, RSS grew less than ``rss_growth_mb`` and fds stayed under ``max_fds``.
         """
         r = self.report()
@@ -348,6 +370,8 @@ class HonestTraffic:
                 problems.append("{} delivery latency up to {} ms".format(name, r[name]["delivery_max_ms"]))
         if r["health_max_ms"] > 1000 * max_latency or r["health_errors"]:
             problems.append("/health up to {} ms ({})".format(r["health_max_ms"], r["health_errors"]))
+        if r["probe_max_ms"] > 1000 * max_latency or r["probe_errors"]:
+            problems.append("new connections took up to {} ms ({})".format(r["probe_max_ms"], r["probe_errors"]))
         if r["rss_growth_mb"] >= rss_growth_mb:
             problems.append("RSS grew {} MiB (bound {})".format(r["rss_growth_mb"], rss_growth_mb))
         if r["fds_max"] >= max_fds:
