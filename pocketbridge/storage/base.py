@@ -88,6 +88,36 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
+# Set-based lookups by key: the keys are a VALUES list joined to the table,
+# the keys first. "k CROSS JOIN table" fixes that join order in SQLite (one
+# index search per key: a row-value "IN (VALUES …)" is a full table scan in
+# SQLite 3.40); PostgreSQL ignores the hint and picks its own plan, a nested
+# loop over the index once the table is large.
+
+def _values(name: str, columns: str, width: int, n: int) -> str:
+    return "{}({}) AS (VALUES {})".format(name, columns, ",".join(["(" + ", ".join("?" * width) + ")"] * n))
+
+
+def existing_sql(pairs: int, triples: int) -> str:
+    """Stored events matching ``pairs`` (user_id, event_id) or ``triples`` (user_id, device_id, device_seq)."""
+    columns = ", ".join("e." + c.strip() for c in EVENT_COLUMNS.split(","))
+    ctes, parts = [], []
+    if pairs:
+        ctes.append(_values("eid", "u, e", 2, pairs))
+        parts.append("SELECT " + columns + " FROM eid CROSS JOIN events e WHERE e.user_id = eid.u AND e.event_id = eid.e")
+    if triples:
+        ctes.append(_values("dseq", "u, d, s", 3, triples))
+        parts.append("SELECT " + columns + " FROM dseq CROSS JOIN events e"
+                     " WHERE e.user_id = dseq.u AND e.device_id = dseq.d AND e.device_seq = dseq.s")
+    return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(parts)
+
+
+def stream_heads_sql(pairs: int) -> str:
+    """Heads of ``pairs`` (user_id, stream_id)."""
+    return ("WITH " + _values("k", "u, s", 2, pairs) + " SELECT st.user_id, st.stream_id, st.head"
+            " FROM k CROSS JOIN streams st WHERE st.user_id = k.u AND st.stream_id = k.s")
+
+
 class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, AdminQueries, JobQueries):
     """
     Users, devices and events in one SQL database via adbapi.
@@ -301,8 +331,10 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
 
     def touch_device(self, user_id: str, device_id: str, now: int) -> "Deferred[None]":
         """Set ``last_seen`` (when the device's last socket closed)."""
-        return self.run("touch_device", lambda txn: self._execute(
-            txn, "UPDATE devices SET last_seen = ? WHERE user_id = ? AND device_id = ?", (now, user_id, device_id)))
+        return self.run("touch_device", self._txn_touch, user_id, device_id, now)
+
+    def _txn_touch(self, txn: Any, user_id: str, device_id: str, now: int) -> None:
+        self._execute(txn, "UPDATE devices SET last_seen = ? WHERE user_id = ? AND device_id = ?", (now, user_id, device_id))
 
     def greatest(self, a: str, b: str) -> str:
         """SQL for the larger of two values."""
@@ -537,16 +569,8 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         for chunk in range(0, max(len(pairs), len(triples)), SET_CHUNK):
             p = pairs[chunk:chunk + SET_CHUNK]
             t = triples[chunk:chunk + SET_CHUNK]
-            parts, params = [], []  # type: Tuple[List[str], List[Any]]
-            if p:
-                parts.append("SELECT " + EVENT_COLUMNS + " FROM events WHERE (user_id, event_id) IN (VALUES "
-                             + ",".join(["(?, ?)"] * len(p)) + ")")
-                params.extend(x for pair in p for x in pair)
-            if t:
-                parts.append("SELECT " + EVENT_COLUMNS + " FROM events WHERE (user_id, device_id, device_seq) IN (VALUES "
-                             + ",".join(["(?, ?, ?)"] * len(t)) + ")")
-                params.extend(x for triple in t for x in triple)
-            self._execute(txn, " UNION ALL ".join(parts), params)
+            self._execute(txn, existing_sql(len(p), len(t)),
+                          [x for pair in p for x in pair] + [x for triple in t for x in triple])
             rows.extend(txn.fetchall())
         for r in rows:
             st = _stored(r)
@@ -560,8 +584,6 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         out: Dict[Tuple[str, str], int] = {}
         for chunk in range(0, len(pairs), SET_CHUNK):
             p = pairs[chunk:chunk + SET_CHUNK]
-            self._execute(
-                txn, "SELECT user_id, stream_id, head FROM streams WHERE (user_id, stream_id) IN (VALUES "
-                + ",".join(["(?, ?)"] * len(p)) + ")", [x for pair in p for x in pair])
+            self._execute(txn, stream_heads_sql(len(p)), [x for pair in p for x in pair])
             out.update({(r[0], r[1]): int(r[2]) for r in txn.fetchall()})
         return out
