@@ -72,12 +72,31 @@ class PostgresStorage(Storage):
             " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head", rows, page_size=1000)
 
     def _update_devices(self, txn: Any, rows: List[Tuple[str, str, int, int]]) -> None:
+        self._update_devices_in_order(txn, "last_device_seq", rows)
+
+    def _txn_update_cursors(self, txn: Any, rows: List[Tuple[int, int, str, str]]) -> None:
+        self._update_devices_in_order(txn, "delivered_seq", [(u, d, seq, t) for seq, t, u, d in rows])
+
+    def _update_devices_in_order(self, txn: Any, column: str, rows: List[Tuple[str, str, int, int]]) -> None:
+        """
+        Raise ``column`` to at least the given value and set ``last_seen``, per
+        (user_id, device_id, value, now), in one statement.
+
+        The rows are locked first, in key order, by a materialized ``SELECT …
+        ORDER BY … FOR UPDATE`` (LockRows runs above the sort): the writer's
+        ``last_device_seq`` and the cursor flush's ``delivered_seq`` updates
+        lock devices in the same order whatever join the planner picks, so
+        they cannot deadlock (the order of ``rename_device`` too).
+        """
         from psycopg2.extras import execute_values
 
         execute_values(
-            txn, "UPDATE devices AS d SET last_device_seq = GREATEST(d.last_device_seq, v.m), last_seen = v.t"
-            " FROM (VALUES %s) AS v(uid, did, m, t) WHERE d.user_id = v.uid AND d.device_id = v.did", rows,
-            template="(%s, %s, %s::bigint, %s::bigint)", page_size=1000)
+            txn, "WITH v(uid, did, m, t) AS (VALUES %s),"
+            " l AS MATERIALIZED (SELECT d.user_id, d.device_id, v.m, v.t FROM v JOIN devices d"
+            " ON d.user_id = v.uid AND d.device_id = v.did ORDER BY d.user_id, d.device_id FOR UPDATE OF d)"
+            " UPDATE devices AS d SET {c} = GREATEST(d.{c}, l.m), last_seen = l.t"
+            " FROM l WHERE d.user_id = l.user_id AND d.device_id = l.device_id".format(c=column), rows,
+            template="(%s, %s, %s::bigint, %s::bigint)", page_size=max(1, len(rows)))  # one statement: one order
 
     def _insert_events(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
         # One multi-row statement: adbapi/psycopg2's per-row path is the largest cost.
