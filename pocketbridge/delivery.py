@@ -51,6 +51,11 @@ class V1Tracker:
         if seq == self.live_pos + 1:
             self.live_pos = seq
 
+    def live_handled_through(self, after: int, upto: int) -> None:
+        """Every live event with after < seq ≤ upto was sent or is not due (a page read from storage)."""
+        if self.live_pos >= after:
+            self.live_pos = max(self.live_pos, upto)
+
     # acks coming in
     def expects_ack(self, device_seq: int) -> bool:
         """True when an ack for ``device_seq`` would match an event sent on this socket."""

@@ -7,10 +7,10 @@ sockets with 1001 at random moments spread over a window, so that their
 clients reconnect to the other nodes gradually instead of all at once.
 
 Used by ``POST /admin/drain``; a SIGTERM shutdown can reuse it with a short
-window. Events acknowledged before the close are committed already (acks
-are sent after commit), so closing loses nothing a client was told is
-stored; an event still in flight is not acknowledged and the client sends it
-again after reconnecting (the server deduplicates it).
+window. A socket stops reading first; the events it has read are committed
+and acknowledged before its 1001 close, so a client is told about every
+event it sent that was stored, and sends again only those it never saw
+read (the server deduplicates them).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class Drain:
         self.closed += 1
         session = getattr(proto, "session", None)
         if session is not None:
-            session.close_for(1001, CLOSE_REASON, None)
+            # Stop reading, send the acks of events already read once they
+            # commit, then close 1001 (so no committed event goes unacked).
+            session.close_after_acks(1001, CLOSE_REASON)
         else:
             proto.close(1001, CLOSE_REASON)
 

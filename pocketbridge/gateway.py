@@ -15,12 +15,11 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from . import crypto, metrics, wire
 from .handshake import AuthRequest, ServerHandshake
-from .session import Session
+from .outbound import Outbound
+from .session import WS_PING, WS_PONG, Session
 from .session_v2 import V2Session
 from .storage import StorageUnavailable
 from .wire import Malformed, ProtocolError
@@ -46,26 +45,6 @@ def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, 
     return ip
 
 
-@implementer(IPushProducer)
-class _Outbound:
-    """Registered on the TCP transport so a full send buffer pauses delivery."""
-
-    def __init__(self, proto: "GatewayProtocol") -> None:
-        self.proto = proto
-
-    def pauseProducing(self) -> None:
-        if self.proto.session is not None:
-            self.proto.session.outbound_paused()
-            self.proto.watch_stall()
-
-    def resumeProducing(self) -> None:
-        if self.proto.session is not None:
-            self.proto.session.outbound_resumed()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class GatewayProtocol(WebSocketServerProtocol):
     """One WebSocket connection."""
 
@@ -84,8 +63,17 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.last_pong = 0.0
         self.paused_since: Optional[float] = None
         self.paused_total = 0.0
-        self.stall_mark: Optional[int] = None
         self.failure_wait = 0.0
+        self.hs_reserved = False  # holds a handshake-failure token until it succeeds or ends (§12)
+        self.outbound: Optional[Outbound] = None
+        self.dropped = False
+        self.closing_frame = False
+        # Reading stops while authenticating or while the session says so; frames
+        # Autobahn already buffered wait in ``self.data`` too.
+        self.hold_auth = False
+        self.hold_session = False
+        self.read_held = False
+        self.in_rx = False
         self.established = False
         self.cipher_in: Optional[crypto.FrameCipher] = None
         self.cipher_out: Optional[crypto.FrameCipher] = None
@@ -110,9 +98,21 @@ class GatewayProtocol(WebSocketServerProtocol):
         if await limits.take("conn_ip", self.ip, s.conn_per_ip_rate, s.conn_per_ip_burst) > 0:
             metrics.LIMIT_HITS.labels(limit="connections_per_ip").inc()
             raise ConnectionDeny(429, "Too many connections")
-        # Checked now, acted on right after the upgrade (a 4029 close, §12).
-        self.failure_wait = await limits.peek("hs_fail", self.ip, *self._failure_budget())
+        # Reserve one failure now (refunded unless the client fails the
+        # handshake), so concurrent handshakes never overshoot the budget;
+        # without a token the connection is closed 4029 right after the upgrade.
+        wait = await limits.take("hs_fail", self.ip, *self._failure_budget())
+        if wait > 0:
+            self.failure_wait = wait
+        else:
+            self.hs_reserved = True
         return None
+
+    def _refund_failure_token(self) -> None:
+        if self.hs_reserved:
+            self.hs_reserved = False
+            self.node.limits.refund("hs_fail", self.ip, *self._failure_budget()).addErrback(
+                lambda f: log.warn("could not refund a handshake token: {e}", e=f.getErrorMessage()))
 
     def _failure_budget(self) -> Tuple[float, float]:
         n = self.node.settings.handshake_failures_per_ip
@@ -127,6 +127,13 @@ class GatewayProtocol(WebSocketServerProtocol):
         metrics.CONNECTIONS.labels(state="open").inc()
         node.connections.add(self)
         s = node.settings
+        self.outbound = Outbound(
+            self.transport, node.clock, s.preauth_outbound_bytes, s.outbound_pause_bytes, s.outbound_resume_bytes,
+            s.slow_consumer_timeout, self._outbound_paused, self._outbound_resumed, self._outbound_stalled)
+        try:
+            cast(Any, self.transport).registerProducer(self.outbound, True)
+        except Exception as e:  # a transport without producer support: resume from the timer only
+            log.warn("outbound flow control unavailable: {error}", error=str(e))
         self.maxMessagePayloadSize = s.max_preauth_message_bytes
         self.maxFramePayloadSize = s.max_preauth_message_bytes
         wait = self.failure_wait
@@ -142,9 +149,14 @@ class GatewayProtocol(WebSocketServerProtocol):
             self._handshake_failed(1008, "Handshake timeout", "timeout")
 
     def _handshake_failed(self, code: int, reason: str, result: str) -> None:
+        if self.gone or self.state != self.STATE_OPEN:
+            return  # closing already: one failure per connection
         metrics.HANDSHAKES.labels(result=result).inc()
-        self.node.limits.charge("hs_fail", self.ip, *self._failure_budget()).addErrback(
-            lambda f: log.warn("could not count a handshake failure: {e}", e=f.getErrorMessage()))
+        if self.hs_reserved:
+            self.hs_reserved = False  # the reserved token is spent
+        else:
+            self.node.limits.charge("hs_fail", self.ip, *self._failure_budget()).addErrback(
+                lambda f: log.warn("could not count a handshake failure: {e}", e=f.getErrorMessage()))
         self.close(code, reason)
 
     def close(self, code: int, reason: str) -> None:
@@ -152,25 +164,101 @@ class GatewayProtocol(WebSocketServerProtocol):
         if self.gone or self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
             return
         metrics.CLOSES.labels(code=str(code)).inc()
-        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        self.closing_frame = True  # a close frame is sent even past the outbound ceiling
+        try:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        finally:
+            self.closing_frame = False
         # Read again (a paused socket would never see the peer's close reply);
         # the session ignores any frame that still arrives.
-        if self.transport is not None and self.paused_since is not None:
-            cast(Any, self.transport).resumeProducing()
-            self.reading_paused(False)
+        self.hold_auth = self.hold_session = False
+        self._apply_hold()
         if code == 1008 and reason == "Heartbeat timeout":
             self.timers.append(self.node.clock.callLater(5, self._drop))
 
     def _drop(self) -> None:
-        if not self.gone and self.transport is not None:
+        if not self.gone and not self.dropped and self.transport is not None:
+            self.dropped = True
             cast(Any, self.transport).abortConnection()
+
+    # -------------------------------------------------------------- bytes out
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """Every write of the connection: within the outbound ceiling, never after the socket is gone."""
+        if self.gone or self.dropped or self.transport is None or self.state == self.STATE_CLOSED:
+            return
+        out = self.outbound
+        if out is not None and not self.closing_frame and not out.admit(len(data)):
+            self._over_ceiling()
+            return
+        super().sendData(data, sync, chopsize)
+        if out is not None:
+            out.wrote(len(data))
+
+    def _over_ceiling(self) -> None:
+        """More unsent bytes than allowed: 4008 after authentication, dropped before (§12)."""
+        if self.established and self.session is not None:
+            metrics.LIMIT_HITS.labels(limit="outbound_bytes").inc()
+            self.session.close(4008, "Slow consumer")
+        else:
+            metrics.LIMIT_HITS.labels(limit="preauth_outbound_bytes").inc()
+            self._drop()
+
+    def _outbound_paused(self) -> None:
+        if self.session is not None:
+            self.session.outbound_paused()
+
+    def _outbound_resumed(self) -> None:
+        if self.session is not None and not self.gone:
+            self.session.outbound_resumed()
+
+    def _outbound_stalled(self) -> None:
+        session = self.session
+        if session is not None and not self.gone:
+            metrics.LIMIT_HITS.labels(limit="outbound_stall").inc()
+            session.close(4008, "Slow consumer")
+
+    # -------------------------------------------------------------- bytes in
+
+    def _dataReceived(self, data: bytes) -> None:
+        self.in_rx = True
+        try:
+            super()._dataReceived(data)
+        finally:
+            self.in_rx = False
+
+    def processData(self) -> bool:
+        """Autobahn handles all buffered frames in one loop; stop it while reading is held."""
+        if self.read_held:
+            return False
+        return bool(super().processData())
+
+    def _apply_hold(self) -> None:
+        """Pause or resume the transport; on resume, handle frames already buffered."""
+        held = self.hold_auth or self.hold_session
+        if self.gone or self.transport is None or held == self.read_held:
+            return
+        self.read_held = held
+        transport: Any = self.transport
+        if held:
+            transport.pauseProducing()
+            self.reading_paused(True)
+            return
+        transport.resumeProducing()
+        self.reading_paused(False)
+        if self.data and not self.in_rx:
+            self.in_rx = True
+            try:
+                self.consumeData()
+            finally:
+                self.in_rx = False
 
     # -------------------------------------------------------------- frames
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Never async: Autobahn would discard the coroutine.
-        if self.gone:
-            return
+        if self.gone or self.state != self.STATE_OPEN:
+            return  # after our close frame nothing more is handled
         if self.cipher_in is not None:
             decrypted = self._decrypt(payload, isBinary)
             if decrypted is None:
@@ -219,8 +307,8 @@ class GatewayProtocol(WebSocketServerProtocol):
             self.close(code, reason)
 
     def send_frame(self, data: bytes) -> None:
-        """Send one message: plain text in v1, an encrypted binary frame in v2."""
-        if self.gone:
+        """Send one message: plain text in v1, an encrypted binary frame in v2; nothing once closing."""
+        if self.gone or self.dropped or self.state != self.STATE_OPEN:
             return
         if self.cipher_out is None:
             self.sendMessage(data, False)
@@ -250,6 +338,8 @@ class GatewayProtocol(WebSocketServerProtocol):
             if msg_type == "client_auth" and hs.hello_done:
                 auth = hs.client_auth(fields)
                 self.authenticating = True
+                self.hold_auth = True  # nothing more is read until the session decides
+                self._apply_hold()
                 d = Deferred.fromCoroutine(self._authenticate(auth))
                 d.addErrback(self._auth_error)
                 return
@@ -257,9 +347,41 @@ class GatewayProtocol(WebSocketServerProtocol):
             result = "bad_signature" if e.reason == "Invalid client signature" else "bad_format"
             self._handshake_failed(e.code, e.reason, result)
             return
+        self._count_unexpected()
+
+    def _count_unexpected(self) -> None:
         self.unexpected += 1
         if self.unexpected > self.node.settings.max_preauth_messages:
             self._handshake_failed(1008, "Too many messages before authentication", "too_many_messages")
+
+    def onPing(self, payload: bytes) -> None:
+        """A WebSocket ping is a client frame (§12): rate-limited like any other, answered in order."""
+        if self.gone or self.state != self.STATE_OPEN:
+            return
+        if self.session is not None:
+            self.session.on_frame(WS_PING, {"payload": payload})
+            return
+        self._count_unexpected()  # before authentication: an unexpected message (§4.3)
+        self.send_pong(payload)
+
+    def send_pong(self, payload: bytes) -> None:
+        if not self.gone and not self.dropped and self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        if self.gone or self.state != self.STATE_OPEN:
+            return
+        if self.session is not None:
+            self.session.on_frame(WS_PONG, {})
+        else:
+            self._count_unexpected()  # no ping is sent before authentication
+
+    def pong_received(self) -> None:
+        """A pong was read (heartbeat, §1)."""
+        self.last_pong = self.node.clock.seconds()
+        self.paused_total = 0.0
+        if self.paused_since is not None:
+            self.paused_since = self.last_pong
 
     async def _authenticate(self, auth: AuthRequest) -> None:
         node = self.node
@@ -305,6 +427,9 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.authenticating = False
         for msg_type, fields in queued:
             session.on_frame(msg_type, fields)
+        # Read again: the session pauses reading itself until the head is known.
+        self.hold_auth = False
+        self._apply_hold()
         device, created, head, purged_below = await storage.register_and_read_head(
             auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
         if self.gone:
@@ -336,6 +461,7 @@ class GatewayProtocol(WebSocketServerProtocol):
         metrics.HANDSHAKES.labels(result="ok").inc()
         metrics.CONNECTIONS.labels(state="authenticated").inc()
         self.established = True
+        self._refund_failure_token()
         log.debug("session {session_id} established (v{version}, new device: {created})",
                  session_id=self.session_id, version=auth.protocol_version, created=created)
         self.maxMessagePayloadSize = s.max_message_bytes
@@ -374,29 +500,15 @@ class GatewayProtocol(WebSocketServerProtocol):
         self.close(1011, "Internal error")
 
     def _register_outbound(self) -> None:
-        t: Any = self.transport  # the TCP transport (producer API, bufferSize)
-        try:
-            if getattr(t, "producer", None) is not None:
-                t.unregisterProducer()
-            t.bufferSize = self.node.settings.outbound_pause_bytes
-            t.registerProducer(_Outbound(self), True)
-        except Exception as e:  # a transport without producer support: no outbound pausing
-            log.warn("outbound flow control unavailable: {error}", error=str(e))
-
-    def watch_stall(self) -> None:
-        """While delivery is paused, close 4008 if no byte leaves the buffer for the timeout."""
-        self.stall_mark = _buffered(self.transport)
-        self.timers.append(self.node.clock.callLater(self.node.settings.slow_consumer_timeout, self._check_stall))
-
-    def _check_stall(self) -> None:
-        session = self.session
-        if self.gone or session is None or not session.out_paused:
-            return
-        now = _buffered(self.transport)
-        if self.stall_mark is not None and now >= self.stall_mark:
-            session.close(4008, "Slow consumer")
-            return
-        self.watch_stall()
+        """Authenticated: the contract's outbound bounds replace the pre-auth ceiling."""
+        out = self.outbound
+        if out is not None:
+            s = self.node.settings
+            out.limit = max(s.outbound_max_bytes, s.outbound_pause_bytes)
+            out.flow = True
+            if out.tcp is not None:
+                # Twisted tells the producer the buffer is empty only if it paused it first.
+                out.tcp.bufferSize = min(out.tcp.bufferSize, s.outbound_pause_bytes)
 
     # -------------------------------------------------------------- heartbeat
 
@@ -415,12 +527,6 @@ class GatewayProtocol(WebSocketServerProtocol):
             return
         self.sendPing()
         self._schedule_ping()
-
-    def onPong(self, payload: bytes) -> None:
-        self.last_pong = self.node.clock.seconds()
-        self.paused_total = 0.0
-        if self.paused_since is not None:
-            self.paused_since = self.last_pong
 
     def reading_paused(self, paused: bool) -> None:
         """Bookkeeping so paused time does not count against the heartbeat."""
@@ -447,6 +553,9 @@ class GatewayProtocol(WebSocketServerProtocol):
         if node is None:
             return
         self._cancel_timers()
+        if self.outbound is not None:
+            self.outbound.stop()
+        self._refund_failure_token()
         node.connections.discard(self)
         metrics.CONNECTIONS.labels(state="open").dec()
         session = self.session
@@ -488,22 +597,18 @@ class _Conn:
         self.proto.close(code, reason)
 
     def pause_reading(self) -> None:
-        if not self.proto.gone:
-            cast(Any, self.proto.transport).pauseProducing()
-            self.proto.reading_paused(True)
+        self.proto.hold_session = True
+        self.proto._apply_hold()
 
     def resume_reading(self) -> None:
-        if not self.proto.gone:
-            cast(Any, self.proto.transport).resumeProducing()
-            self.proto.reading_paused(False)
+        self.proto.hold_session = False
+        self.proto._apply_hold()
 
+    def send_pong(self, payload: bytes) -> None:
+        self.proto.send_pong(payload)
 
-def _buffered(transport: Any) -> int:
-    """Bytes waiting in a Twisted TCP transport's send buffer (best effort)."""
-    try:
-        return int(sum(len(b) for b in transport._tempDataBuffer) + len(transport.dataBuffer) - transport.offset)
-    except Exception:
-        return 0
+    def pong_received(self) -> None:
+        self.proto.pong_received()
 
 
 def make_factory(node: Any) -> WebSocketServerFactory:

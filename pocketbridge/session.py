@@ -28,6 +28,12 @@ log = Logger()
 KIB = 1024
 # Marks the server's own first-page request; a non-string key no client JSON can carry.
 _UNSOLICITED: Any = object()
+# WebSocket control frames in the inbox: frames like any other for the limits (§12),
+# typed by objects no client JSON can carry.
+WS_PING: Any = object()
+WS_PONG: Any = object()
+#: Events per page when a paused v1 socket resumes from storage.
+BACKFILL_PAGE = 100
 
 
 class Conn(Protocol):
@@ -40,6 +46,10 @@ class Conn(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+    def send_pong(self, payload: bytes) -> None: ...
+
+    def pong_received(self) -> None: ...
 
 
 class _Slot:
@@ -84,8 +94,10 @@ class Session:
         self.tracker: Optional[V1Tracker] = None
         self.replay_pos = 0
         self.replay_remaining: Optional[int] = None
-        self.backfill: Optional[List[Tuple[StoredEvent, bytes]]] = None  # live events during a backfill read
+        self.backfilling = False  # a paused v1 socket is reading what it missed, page by page
+        self.live_seen = 0  # highest live seq routed to this socket
         self.live_last = 0  # highest live seq handled by this socket
+        self.final_close: Optional[Tuple[int, str]] = None  # close once the pending acks are out
 
     # ------------------------------------------------------------ start
 
@@ -185,6 +197,10 @@ class Session:
             self._on_replay(fields)
         elif msg_type == "ping":
             self.conn.send(wire.encode("pong", {"timestamp": self.node.now_ms()}))
+        elif msg_type is WS_PING:
+            self.conn.send_pong(fields["payload"])
+        elif msg_type is WS_PONG:
+            self.conn.pong_received()
         else:
             self._unknown_type(msg_type)
 
@@ -270,8 +286,8 @@ class Session:
             slot = self.outcomes.popleft()
             if slot.frame is not None and not self.closed:
                 self.conn.send(slot.frame)
-        if self.stopped and not self.outcomes:
-            self._finish_expiry()
+        if self.final_close is not None and not self.outcomes:
+            self.close(*self.final_close)
 
     # ------------------------------------------------------------ delivery acks
 
@@ -359,11 +375,9 @@ class Session:
             return
         if event.seq <= self.live_last:
             return  # in the backlog, or already handled
-        if self.backfill is not None:
-            self.backfill.append((event, frame))
-            return
-        if self.out_paused:
-            return  # resumed from storage when the buffer drains
+        self.live_seen = max(self.live_seen, event.seq)
+        if self.backfilling or self.out_paused:
+            return  # read from storage when the buffer drains
         self._send_live(event, frame)
 
     def _send_live(self, event: StoredEvent, frame: bytes) -> None:
@@ -382,27 +396,50 @@ class Session:
         self._set_reading(False)
 
     def outbound_resumed(self) -> None:
-        """The send buffer drained: send from storage what was held back, then go on."""
+        """The send buffer drained: send from storage what was held back, page by page, then go on."""
         if not self.out_paused or self.closed:
             return
-        self.backfill = []
         self.out_paused = False
+        if self.backfilling:
+            return  # the running backfill goes on with its next page
+        self.backfilling = True
         d = Deferred.fromCoroutine(self._backfill())
-        d.addErrback(self._page_failed)
+        d.addErrback(self._backfill_failed)
 
     async def _backfill(self) -> None:
-        head = await self.node.storage.head(self.user_id)
-        rows = await self.node.storage.read_range(self.user_id, self.live_last, head) if head > self.live_last else []
-        held, self.backfill = self.backfill or [], None
+        """Pages of live events missed while paused, each within the outbound bound; stops when paused again."""
+        assert self.tracker is not None
+        storage = self.node.storage
+        s = self.settings
+        max_bytes = max(1, min(s.outbound_pause_bytes, s.max_message_bytes - 64 * KIB))
+        target = await storage.head(self.user_id)
+        while not self.closed and not self.out_paused:
+            target = max(target, self.live_seen)
+            after = self.live_last
+            if after >= target:
+                break
+            events, more = await storage.read_page(
+                self.user_id, after, target, None, BACKFILL_PAGE, max_bytes, self.node.now_ms())
+            if self.closed:
+                return
+            upto = events[-1].seq if more and events else target
+            for event in events:
+                if event.seq > self.live_last:
+                    self._send_live(event, wire.encode("event", relay_payload(event)))
+            # Events of the range the page skipped (expired) are handled too.
+            self.tracker.live_handled_through(after, upto)
+            self.live_last = max(self.live_last, upto)
+            self._cursor_changed()
+        self.backfilling = False
         if self.closed:
             return
-        for row in rows:
-            if row.seq > self.live_last:
-                self._send_live(row, wire.encode("event", relay_payload(row)))
-        for event, frame in held:
-            if event.seq > self.live_last:
-                self._send_live(event, frame)
+        if self.out_paused:
+            return  # resumed later, from where it stopped
         self.pump()
+
+    def _backfill_failed(self, failure: Failure) -> None:
+        self.backfilling = False
+        self._page_failed(failure)
 
     def send_notice(self, frame: bytes) -> None:
         """A presence or pairing notice for this device."""
@@ -413,14 +450,18 @@ class Session:
 
     def expire(self) -> None:
         """Session age reached: stop reading, send pending acks, then close 1001."""
+        self.close_after_acks(1001, "Session key rotation required")
+
+    def close_after_acks(self, code: int, reason: str) -> None:
+        """Stop reading now; close once every event already read is committed and answered (§9, drain)."""
+        if self.closed or self.final_close is not None:
+            return
         self.stopped = True
+        self.final_close = (code, reason)
         self.inbox.clear()
         self._set_reading(False)
         if not self.outcomes:
-            self._finish_expiry()
-
-    def _finish_expiry(self) -> None:
-        self.close(1001, "Session key rotation required")
+            self.close(code, reason)
 
     def close_for(self, code: int, reason: str, notice: Optional[bytes]) -> None:
         """Closed from outside (revocation, account deletion, drain)."""
@@ -433,8 +474,7 @@ class Session:
         if self.closed:
             return
         self.stopped = True
-        metrics.CLOSES.labels(code=str(code)).inc()
-        self.conn.close(code, reason)
+        self.conn.close(code, reason)  # the gateway counts the close (once)
         self.lost()
 
     def lost(self) -> None:

@@ -98,7 +98,10 @@ class V2Session(Session):
 
     def _admit(self, msg_type: str, fields: Dict[str, Any]) -> float:
         if msg_type == "ack" and self.unacked:
-            return 0.0  # acks of delivered events come at the delivery rate
+            seq = fields.get("seq")
+            if type(seq) is int and seq >= self.unacked[0][0]:
+                return 0.0  # it acknowledges a delivery: acks come at the delivery rate
+        # Any other ack (a repeat, or one matching nothing sent) is a frame like the rest (§12).
         return super()._admit(msg_type, fields)
 
     def _on_ack(self, fields: Dict[str, Any]) -> None:
@@ -267,13 +270,11 @@ class V2Session(Session):
             return
         self._watch_slow()
 
-    def outbound_paused(self) -> None:
-        self.out_paused = True
-
     def outbound_resumed(self) -> None:
         if self.out_paused and not self.closed:
             self.out_paused = False
             self._push()
+            self.pump()
 
     def lost(self) -> None:
         if self.slow_timer is not None and self.slow_timer.active():

@@ -1,0 +1,217 @@
+"""
+In-memory fakes for the gateway and session unit tests: a TCP transport
+with Twisted's real send-buffer code, a node with fake storage and writer,
+WebSocket frame encoding and decoding. No sockets, no sleeps.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Dict, List, Optional, Tuple
+
+import txaio
+from nacl.signing import SigningKey
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock
+
+from pocketbridge import config, wire
+from pocketbridge.events import StoredEvent
+from pocketbridge.gateway import GatewayProtocol, _Conn, make_factory
+from pocketbridge.hub import DeliveryHub
+from pocketbridge.node import Node
+from pocketbridge.session import Session
+from pocketbridge.session_v2 import V2Session
+
+USER = "ab" * 32
+DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
+OTHER = "1b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class FakeTCP(FileDescriptor):
+    """Twisted's FileDescriptor write path (buffers, producer calls); the peer takes ``room`` bytes per doWrite."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.room = 0
+        self.sent = bytearray()
+        self.reading = True
+        self.aborted = False
+
+    def writeSomeData(self, data: Any) -> int:
+        n = min(len(data), self.room)
+        self.room -= n
+        self.sent += bytes(data[:n])
+        return n
+
+    def drain(self, n: int) -> None:
+        """The peer reads ``n`` bytes."""
+        self.room = n
+        self.doWrite()
+
+    def written(self) -> bytes:
+        """Everything the server wrote, sent or still buffered."""
+        return bytes(self.sent) + bytes(self.dataBuffer[self.offset:]) + b"".join(self._tempDataBuffer)
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startWriting(self) -> None:
+        pass
+
+    def stopWriting(self) -> None:
+        pass
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 3001)
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+
+def client_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """One masked client frame (mask 0, so the payload reads as is)."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + b"\0\0\0\0" + payload
+
+
+def text(msg_type: str, payload: Dict[str, Any]) -> bytes:
+    """A client text frame holding one message."""
+    return client_frame(1, wire.encode(msg_type, payload))
+
+
+def server_frames(data: bytes) -> List[Tuple[int, bytes]]:
+    """(opcode, payload) of every server frame in ``data`` after the HTTP response."""
+    end = data.find(b"\r\n\r\n")
+    data = data[end + 4:] if data.startswith(b"HTTP/") else data
+    out = []
+    i = 0
+    while i + 2 <= len(data):
+        op, n = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
+        elif n == 127:
+            n, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
+        out.append((op, data[i:i + n]))
+        i += n
+    return out
+
+
+def close_code(frames: List[Tuple[int, bytes]]) -> Optional[int]:
+    """The code of the first close frame, if any."""
+    for op, payload in frames:
+        if op == 8:
+            return int(struct.unpack("!H", payload[:2])[0])
+    return None
+
+
+def stored(seq: int, device: str = OTHER, size: int = 10) -> StoredEvent:
+    """A committed event of USER from ``device``."""
+    return StoredEvent(USER, seq, "00000000-0000-7000-8000-%012d" % seq, device, seq, "s", seq, "t",
+                       "x" * size, None, 1_700_000_000_000)
+
+
+class FakeStorage:
+    """The storage calls a session makes, over an in-memory event list."""
+
+    def __init__(self) -> None:
+        self.events: List[StoredEvent] = []
+        self.pages: List[Tuple[int, int, int]] = []  # (after, upto, limit) of each read_page
+        self.ranges: List[Tuple[int, int]] = []
+
+    def head(self, user_id: str) -> "Deferred[int]":
+        return succeed(self.events[-1].seq if self.events else 0)
+
+    def read_range(self, user_id: str, after: int, upto: int) -> "Deferred[List[StoredEvent]]":
+        self.ranges.append((after, upto))
+        return succeed([e for e in self.events if after < e.seq <= upto])
+
+    def read_page(self, user_id: str, after: int, upto: int, exclude: Optional[str], limit: int,
+                  max_bytes: int, now: int) -> "Deferred[Tuple[List[StoredEvent], bool]]":
+        self.pages.append((after, upto, limit))
+        rows = [e for e in self.events if after < e.seq <= upto and e.device_id != exclude]
+        return succeed((rows[:limit], len(rows) > limit))
+
+    def count_backlog(self, *args: Any) -> "Deferred[int]":
+        return succeed(0)
+
+    def update_cursors(self, batch: Any, now: int) -> "Deferred[None]":
+        return succeed(None)
+
+    def record_unacked(self, *args: Any) -> "Deferred[bool]":
+        return succeed(False)
+
+    def touch_device(self, *args: Any) -> "Deferred[None]":
+        return succeed(None)
+
+
+class FakeWriter:
+    """Holds each submitted event until the test commits it."""
+
+    def __init__(self) -> None:
+        self.pending: List[Tuple[Any, "Deferred[Any]"]] = []
+
+    def submit(self, event: Any) -> "Deferred[Any]":
+        d: "Deferred[Any]" = Deferred()
+        self.pending.append((event, d))
+        return d
+
+
+def make_node(clock: MemoryReactorClock, **settings: Any) -> Node:
+    """A node with fake storage and writer and the given settings."""
+    s = config.Settings().replace(**settings)
+    storage = FakeStorage()
+    key = SigningKey(b"\x22" * 32)
+    node = Node(s, storage, FakeWriter(), DeliveryHub(storage), clock, key, "test")  # type: ignore[arg-type]
+    return node
+
+
+def connect(node: Node, clock: MemoryReactorClock) -> Tuple[GatewayProtocol, FakeTCP]:
+    """A connection whose WebSocket upgrade is done (before authentication)."""
+    txaio.use_twisted()
+    txaio.config.loop = clock
+    factory = make_factory(node)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    tcp = FakeTCP(clock)
+    proto.makeConnection(tcp)
+    proto.dataReceived(UPGRADE)
+    return proto, tcp
+
+
+def authenticate(proto: GatewayProtocol, version: int = 1, head: int = 0) -> Session:
+    """Attach a session to the connection as the handshake would (without the key exchange)."""
+    node = proto.node
+    cls = V2Session if version == 2 else Session
+    session = cls(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
+    node.hub.attach(session)
+    proto.session = session
+    proto.established = True
+    proto._register_outbound()
+    session.established(head, head, 1)
+    return session
