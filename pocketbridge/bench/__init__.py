@@ -12,6 +12,8 @@ measures raw baselines on the same machine in the same run:
   catch-up, two nodes;
 - ``baseline_ws`` (with the ``echo`` server), ``baseline_store``
   (PostgreSQL, SQLite, Redis): the raw baselines;
+- ``prefill``: bulk-loads N events into the server's database (``--prefill``),
+  so the scenarios can be measured again on a table that is not nearly empty;
 - ``stats``: percentiles and CPU/RSS readings from ``/proc``;
 - ``report``: headline keys, ratios, targets, the table.
 """

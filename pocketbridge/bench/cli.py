@@ -4,6 +4,7 @@ baselines on the same machine, in the same run.
 
     pocketbridge-bench --url http://127.0.0.1:3001 [--url2 URL] [--server-pid PID]
                        [--quick] [--json] [--scenarios memory,handshakes,events,...]
+                       [--prefill N --prefill-database DB]
 
 Scenarios (run in this order; names or numbers): 4 ``memory``, 1
 ``handshakes``, 2 ``events``, 3 ``latency``, 6 ``fanout``, 5 ``catchup``,
@@ -30,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import orjson
 
-from pocketbridge.bench import baseline_store, baseline_ws, report
+from pocketbridge.bench import baseline_store, baseline_ws, prefill, report
 from pocketbridge.bench import scenario_connections as conns
 from pocketbridge.bench import scenario_events as flows
 from pocketbridge.bench.load import http_url, ws_url
@@ -85,6 +86,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="PostgreSQL for the baseline; a throwaway database is created and dropped there")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="Redis for the PUBLISH baseline")
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines (ratios are then null)")
+    p.add_argument("--prefill", type=int, default=0, metavar="N",
+                   help="after the scenarios, load N events into --prefill-database (new users) and run the "
+                        "scenarios again (memory excepted): both results and prefilled/fresh ratios")
+    p.add_argument("--prefill-database", metavar="DB",
+                   help="the server's database for --prefill: its postgresql:// URL, or its SQLite file "
+                        "(DATA_DIR/pocketbridge.sqlite3); the server must have migrated it")
+    p.add_argument("--prefill-events-per-user", type=int, default=1000, metavar="K",
+                   help="events per prefilled user (default 1000: 1,000 users per million events)")
     sizes = p.add_argument_group("sizes (override --quick or the defaults)")
     sizes.add_argument("--handshakes", type=int, help="handshakes per round (default 3000, quick 1000)")
     sizes.add_argument("--concurrency", type=int, help="handshakes in flight (default 100)")
@@ -112,6 +121,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args.selected = [s for s in SCENARIOS if s in names]
     if "two_nodes" in args.selected and not args.url2:
         p.error("scenario two_nodes needs --url2")
+    if args.prefill and not args.prefill_database:
+        p.error("--prefill needs --prefill-database (the server's database URL or SQLite file)")
     try:
         args.ws1 = ws_url(args.url)
         args.ws2 = ws_url(args.url2) if args.url2 else None
@@ -287,10 +298,10 @@ class Run:
 
     # ------------------------------------------------------------ scenarios
 
-    def run_scenarios(self) -> None:
+    def run_scenarios(self, names: Optional[List[str]] = None) -> None:
         s, a = self.sizes, self.args
         flow_timeout = s.warmup + s.duration + 180
-        for name in a.selected:
+        for name in a.selected if names is None else names:
             before = scrape_metrics(a.url)
             self._run_scenario(name, flow_timeout)
             delta = metrics_delta(before, scrape_metrics(a.url))
@@ -344,6 +355,37 @@ class Run:
         return {"error": err} if err else merge(parts)
 
 
+def prefilled_pass(run: Run, fresh: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    ``--prefill``: load the events, run the scenarios again (not memory: it
+    needs a fresh server) and return the result keys: ``prefill`` (what was
+    loaded), ``<key>_prefilled`` and ``<key>_prefilled_ratio``, and the second
+    pass's details under ``prefilled``. Errors go to ``run.errors`` as
+    ``prefill`` or ``prefilled_<scenario>``.
+    """
+    a = run.args
+    run.say("prefill: loading {:,} events into the server's database ...".format(a.prefill))
+    loaded = run_child(prefill.measure, 900 + a.prefill / 500, database=a.prefill_database, count=a.prefill,
+                       events_per_user=a.prefill_events_per_user, payload_bytes=run.sizes.payload_bytes)
+    err = error_of(loaded)
+    if err:
+        run.errors["prefill"] = err
+        run.say("  prefill failed: {}".format(err.splitlines()[0]))
+        return {"prefill": None}
+    run.say("  loaded {events:,} events for {users:,} users in {seconds} s".format(**loaded))
+    saved = run.scenarios, run.errors, run.cpu, run.server_metrics
+    run.scenarios, run.errors, run.cpu, run.server_metrics = {}, {}, {}, {}
+    try:
+        run.run_scenarios([n for n in a.selected if n != "memory"])
+        second = report.build(run.scenarios, run.baselines, a.storage)
+        details = {"scenarios": run.scenarios, "cpu": run.cpu, "server_metrics": run.server_metrics}
+        errors = {"prefilled_" + k: v for k, v in run.errors.items()}
+    finally:
+        run.scenarios, run.errors, run.cpu, run.server_metrics = saved
+    run.errors.update(errors)
+    return {"prefill": loaded, **prefill.compare(fresh, second), "prefilled": details}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``pocketbridge-bench``."""
     args = parse_args(argv)
@@ -361,6 +403,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         run.run_baselines()
     run.run_scenarios()
     result = report.build(run.scenarios, run.baselines, args.storage)
+    if args.prefill:
+        result.update(prefilled_pass(run, result))
     result.update({
         "machine": machine_info(),
         "config": {"url": args.url, "url2": args.url2, "quick": args.quick, "scenarios": args.selected,
@@ -377,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         sys.stdout.write(report.table(result) + "\n")
         sys.stdout.write("\n(total {:.0f} s; --json for every detail)\n".format(result["elapsed_s"]))
-    failed = {k for k in run.errors if k in args.selected or k in run.baselines}
+    failed = {k for k in run.errors if k in args.selected or k in run.baselines or k.startswith("prefill")}
     return 1 if failed else 0
 
 

@@ -227,3 +227,55 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- in the bench
+
+async def measure(reactor: Any, **kwargs: Any) -> Dict[str, Any]:
+    """``prefill`` as a bench child (``runner.run_child``); blocks its own process only."""
+    return prefill(**kwargs)
+
+
+#: Numbers compared fresh vs prefilled: (label, key).
+COMPARED: List[Tuple[str, str]] = [
+    ("1 handshakes/s (returning devices)", "handshakes_per_s"),
+    ("2 events/s end to end", "events_per_s"),
+    ("  delivery latency p50 ms (saturated)", "events_latency_p50_ms"),
+    ("  delivery latency p99 ms (saturated)", "events_latency_p99_ms"),
+    ("3 latency p50 ms at fixed rate", "latency_p50_ms"),
+    ("  latency p99 ms at fixed rate", "latency_p99_ms"),
+    ("5 catch-up events/s", "catchup_events_per_s"),
+    ("  backlog upload events/s", "catchup_upload_events_per_s"),
+    ("6 fan-out deliveries/s", "fanout_deliveries_per_s"),
+    ("7 two nodes events/s", "two_nodes_events_per_s"),
+]
+
+
+def compare(fresh: Dict[str, Any], prefilled: Dict[str, Any]) -> Dict[str, Any]:
+    """Flat keys ``<key>_prefilled`` and ``<key>_prefilled_ratio`` (prefilled / fresh) for each compared number."""
+    out: Dict[str, Any] = {}
+    for _, key in COMPARED:
+        a, b = fresh.get(key), prefilled.get(key)
+        if a is None and b is None:
+            continue
+        out[key + "_prefilled"] = b
+        out[key + "_prefilled_ratio"] = round(b / a, 3) if a and b is not None else None
+    return out
+
+
+def table_lines(result: Dict[str, Any]) -> List[str]:
+    """The fresh vs prefilled section of the bench's text table (empty without ``--prefill``)."""
+    loaded = result.get("prefill")
+    if not loaded:
+        return []
+    lines = ["", "fresh database vs after loading {:,} events ({:,} users, {} s to load):".format(
+        loaded.get("events", 0), loaded.get("users", 0), loaded.get("seconds", "?"))]
+    lines.append("  {:<40}{:>12}{:>12}{:>18}".format("metric", "fresh", "prefilled", "prefilled/fresh"))
+    for label, key in COMPARED:
+        if key + "_prefilled" not in result:
+            continue
+        cells = [result.get(key), result.get(key + "_prefilled"), result.get(key + "_prefilled_ratio")]
+        lines.append("  {:<40}".format(label) + "".join(
+            "{:>12}".format("-" if v is None else "{:,.2f}".format(v) if v < 100 else "{:,.0f}".format(v))
+            for v in cells[:2]) + "{:>18}".format("-" if cells[2] is None else "{:.3f}".format(cells[2])))
+    return lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from pocketbridge.bench import prefill
 from pocketbridge.bench.stats import ratio
 
 #: (name, key, comparison, threshold): the issue's targets.
@@ -202,6 +203,7 @@ def table(result: Dict[str, Any]) -> str:
             lines.append("  {:<12}{:>10}{:>16}{:>16}{:>22}".format(
                 name, _fmt(m.get("commits")), _fmt(m.get("mean_batch_events")), _fmt(m.get("mean_commit_ms")),
                 _fmt(m.get("mean_commit_to_socket_ms"))))
+    lines.extend(prefill.table_lines(result))
     for note in result.get("notes") or []:
         lines.append("")
         lines.append("note: " + note)
