@@ -186,6 +186,11 @@ SETTINGS: List[Setting] = [
     # writer
     Setting("writer_max_batch", positive_int, 1000, "PB_WRITER_MAX_BATCH", "Most events committed in one transaction"),
     Setting("writer_delay_ms", non_negative_int, 0, "PB_WRITER_DELAY_MS", "Extra milliseconds to gather a batch when idle"),
+    Setting("writer_retry_max", positive_float, 5.0, "PB_WRITER_RETRY_MAX", "Longest wait in seconds between commit attempts while storage is failing"),
+    Setting("storage_log_interval", positive_float, 60.0, "PB_STORAGE_LOG_INTERVAL", "Seconds between 'storage still unavailable' log lines during an outage"),
+    Setting("bus_held_users", positive_int, 10000, "PB_BUS_HELD_USERS", "Users with news remembered during a Redis outage (past it: every node re-reads all its users)"),
+    Setting("bus_resend_rate", positive_int, 2000, "PB_BUS_RESEND_RATE", "Small 'user has news' notices per second sent after Redis comes back"),
+    Setting("hub_read_page", positive_int, 256, "PB_HUB_READ_PAGE", "Most events the hub reads from storage at once when filling a gap"),
     Setting("db_pool_size", positive_int, 4, "PB_DB_POOL_SIZE", "PostgreSQL connections per node"),
     # REST
     Setting("cors_origin", text, "", "CORS_ORIGIN", "Comma list of allowed browser origins, or * (unset: none)"),

@@ -418,8 +418,9 @@ class GatewayProtocol(WebSocketServerProtocol):
             auth.device_name, auth.device_type,
         )
         # Subscribe first, then read the head (§7.3): whatever commits after the
-        # head read reaches this session live.
-        node.hub.attach(session)
+        # head read reaches this session live. ``subscribed`` fires once the bus
+        # listens for the user (Redis confirmed the SUBSCRIBE).
+        subscribed = node.hub.attach(session)
         self.session = session
         # Frames that arrived during the handshake go first, in arrival order;
         # the session holds them until the head is known.
@@ -430,6 +431,9 @@ class GatewayProtocol(WebSocketServerProtocol):
         # Read again: the session pauses reading itself until the head is known.
         self.hold_auth = False
         self._apply_hold()
+        await subscribed
+        if self.gone:
+            return
         device, created, head, purged_below = await storage.register_and_read_head(
             auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
         if self.gone:

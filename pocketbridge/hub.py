@@ -49,21 +49,29 @@ class _UserRoute:
 class DeliveryHub:
     """Per-node routing of events and notices to local sessions."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, read_page: int = 256) -> None:
         self.storage = storage
+        self.read_page = read_page  # most seqs read from storage in one statement
         self.users: Dict[str, _UserRoute] = {}
         self.bus: Any = None  # set by the bus that feeds this hub
 
     # ----------------------------------------------------------- sessions
 
-    def attach(self, sink: LiveSink) -> None:
-        """Start routing the user's events to ``sink`` (subscribes the node on first use)."""
+    def attach(self, sink: LiveSink) -> "Deferred[Any]":
+        """
+        Start routing the user's events to ``sink`` (subscribes the node on first use).
+
+        Fires once the bus listens for the user (Redis confirmed the
+        SUBSCRIBE, or the bus is down and will re-read storage when it is
+        back): a head read done after that misses nothing (§7.3).
+        """
         route = self.users.get(sink.user_id)
         if route is None:
             route = self.users[sink.user_id] = _UserRoute()
-            if self.bus is not None:
-                self.bus.subscribe(sink.user_id)
         route.sinks.add(sink)
+        if self.bus is None:
+            return succeed(None)
+        return self.bus.subscribe(sink.user_id)
 
     def detach(self, sink: LiveSink) -> None:
         """Stop routing to ``sink``."""
@@ -128,16 +136,23 @@ class DeliveryHub:
             self._route(route, event, committed_at)
             return None
         metrics.BUS_GAP_READS.inc()
-        d = self.storage.read_range(user_id, start, seq)
+        return self._read_pages(user_id, route, start, seq, committed_at)
 
-        def got(rows: List[StoredEvent]) -> None:
-            for row in rows:
-                if route.head is None or row.seq > route.head:
-                    route.head = row.seq
-                    self._route(route, row, committed_at)
+    def _read_pages(self, user_id: str, route: _UserRoute, after: int, upto: int, committed_at: float) -> "Deferred[None]":
+        """Route after < seq ≤ upto from storage, ``read_page`` seqs per read, in order."""
 
-        d.addCallback(got)
-        return d
+        async def pages() -> None:
+            low = after
+            while low < upto and self.users.get(user_id) is route:
+                high = min(upto, low + self.read_page)
+                rows = await self.storage.read_range(user_id, low, high)
+                for row in rows:
+                    if route.head is None or row.seq > route.head:
+                        route.head = row.seq
+                        self._route(route, row, committed_at)
+                low = high
+
+        return Deferred.fromCoroutine(pages())
 
     def resync_user(self, user_id: str) -> None:
         """Route from storage whatever the user committed beyond what this node has routed."""
@@ -149,11 +164,7 @@ class DeliveryHub:
             head = await self.storage.head(user_id)
             if route.head is None or head <= route.head:
                 return
-            rows = await self.storage.read_range(user_id, route.head, head)
-            for row in rows:
-                if route.head is None or row.seq > route.head:
-                    route.head = row.seq
-                    self._route(route, row, 0.0)
+            await self._read_pages(user_id, route, route.head, head, 0.0)
 
         route.busy += 1
         route.chain.addCallback(lambda _: Deferred.fromCoroutine(catch_up()))
@@ -212,8 +223,9 @@ class LocalBus:
         """Announce a committed event to every node (here: this one)."""
         self.hub.on_event(event.user_id, event.seq, event, time.monotonic())
 
-    def subscribe(self, user_id: str) -> None:
-        """Nothing to do in-process."""
+    def subscribe(self, user_id: str) -> "Deferred[None]":
+        """Nothing to do in-process: listening at once."""
+        return succeed(None)
 
     def unsubscribe(self, user_id: str) -> None:
         """Nothing to do in-process."""

@@ -198,18 +198,20 @@ def makeService(options: Options) -> MultiService:
     # After twistd has started its log observers (it does so after makeService).
     reactor.callWhenRunning(_set_log_level, settings.log_level)
     storage = open_storage(settings)
-    hub = DeliveryHub(storage)
+    hub = DeliveryHub(storage, read_page=settings.hub_read_page)
     node_id = settings.node_id or "{}:{}".format(socket.gethostname(), os.getpid())
     bus: Any
     if settings.redis:
         from .redisbus import RedisBus
 
-        bus = RedisBus(reactor, settings.redis, hub, storage, node_id, prefix=settings.redis_prefix)
+        bus = RedisBus(reactor, settings.redis, hub, storage, node_id, prefix=settings.redis_prefix,
+                       held_users=settings.bus_held_users, resend_rate=settings.bus_resend_rate)
     else:
         bus = LocalBus(hub)
     writer = EventWriter(
         storage, reactor, lambda outcome: bus.publish_event(outcome.stored), settings.max_user_bytes,
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
+        retry_max=settings.writer_retry_max, log_interval=settings.storage_log_interval,
     )
     presence: Any = None
     limits: Any = None

@@ -98,6 +98,10 @@ def add_health_routes(api: Api, node: Any, metrics_here: bool = True) -> None:
             await d
         except Exception:
             services["database"] = "error"
+        # A database that answers SELECT 1 but cannot commit (disk full, read-only)
+        # is down for every upload: the writer's last commit (or probe write) failed.
+        if not node.writer.storage_ok:
+            services["database"] = "error"
         if node.settings.redis and not node.hub.bus.healthy():
             services["bus"] = "error"
         status, code = "ok", 200

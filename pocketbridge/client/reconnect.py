@@ -124,6 +124,16 @@ class ReconnectingClient:
 
     ``on_connected(session_payload)``, ``on_caught_up(events)`` and
     ``on_disconnected(code, reason, decision)`` are optional progress hooks.
+
+    The backoff starts again from its first step only after a session that
+    did useful work. A session is *useful* when it stayed established for at
+    least ``stable_after`` seconds (default 10): long enough that it was not
+    refused in disguise. A session closed sooner — e.g. 1013 "Storage
+    unavailable" on its first upload right after a successful handshake —
+    counts as a failed attempt, so a node that accepts handshakes but cannot
+    store anything sees each client back off (1, 2, 4 … 60 s) instead of
+    reconnecting about once a second. 1001 and 4008 (the server asked the
+    client to come back) still reconnect soon after any established session.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class ReconnectingClient:
         on_connected: Optional[Callable[[Dict[str, Any]], None]] = None,
         on_caught_up: Optional[Callable[[list], None]] = None,
         on_disconnected: Optional[Callable[[Optional[int], str, RetryDecision], None]] = None,
+        stable_after: float = 10.0,
     ) -> None:
         self.reactor = reactor
         self.client = client
@@ -141,6 +152,7 @@ class ReconnectingClient:
         self.on_connected = on_connected
         self.on_caught_up = on_caught_up
         self.on_disconnected = on_disconnected
+        self.stable_after = stable_after
         self._stopping = False
         self._current: Optional[Deferred[Any]] = None
         #: Seconds ``run`` waits for the closing handshake after ``stop``.
@@ -165,19 +177,20 @@ class ReconnectingClient:
             self._current.cancel()
         self.client.close()
 
-    async def _attempt(self) -> tuple[Optional[int], str, bool]:
-        """One connection's life: (close code or None, reason, whether a session was established)."""
+    async def _attempt(self) -> tuple[Optional[int], str, Optional[float]]:
+        """One connection's life: (close code or None, reason, seconds it was established or None)."""
         try:
             self._current = self.client.connect()
             est = await self._current
         except ConnectionClosed as e:
-            return e.code, e.reason, False
+            return e.code, e.reason, None
         except ServerKeyChanged:
             raise
         except HandshakeError as e:
-            return None, "handshake failed: {}".format(e), False
+            return None, "handshake failed: {}".format(e), None
         except (ConnectError, DNSLookupError, DeferTimeoutError) as e:
-            return ABNORMAL_CLOSE, str(e) or e.__class__.__name__, False
+            return ABNORMAL_CLOSE, str(e) or e.__class__.__name__, None
+        started = self.reactor.seconds()
         if self.on_connected is not None:
             self.on_connected(est)
         try:
@@ -189,22 +202,22 @@ class ReconnectingClient:
             pass
         self._current = self.client.closed
         code, reason = await self._current
-        return code, reason, True
+        return code, reason, self.reactor.seconds() - started
 
     async def _run(self) -> None:
         """The reconnect loop."""
         attempt = 0
         while not self._stopping:
             try:
-                code, reason, established = await self._attempt()
+                code, reason, lived = await self._attempt()
             except CancelledError:
                 if self._stopping:
                     break
                 raise
             if self._stopping:
                 break
-            if established:
-                attempt = 0
+            if lived is not None and (lived >= self.stable_after or code in RECONNECT_SOON):
+                attempt = 0  # a useful session (see the class docstring) resets the backoff
             decision = self.policy.decide(code, reason, attempt)
             log.info("Connection ended ({code} {reason}); retry={retry} in {delay:.1f}s",
                      code=code, reason=reason, retry=decision.retry, delay=decision.delay)
