@@ -1,1 +1,5 @@
--- Event-path statements that use an index at any table size (issue 9): filled in by this change.
+-- Event-path statements that use an index at any table size (issue 9).
+-- No schema change: the indexes of 001 serve every event-path and catch-up
+-- statement (tests/test_query_plans.py checks the plans, analyzed and not).
+-- The device rows the writer and the cursor flush update are locked in key
+-- order by the statements themselves (storage/postgres.py), not by the schema.
