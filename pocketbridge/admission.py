@@ -103,8 +103,9 @@ class Admission:
     Open-connection counts of one node, shared by its listeners.
 
     ``reserved`` slots at the top of ``node_cap`` admit only restricted
-    connections (``/health``, ``/metrics``). Counting is O(1); the per-IP
-    table holds only addresses with an open connection.
+    connections (``/health``, ``/metrics``), and only from an address that
+    holds no other connection. Counting is O(1); the per-IP table holds only
+    addresses with an open connection.
     """
 
     def __init__(self, clock: Any, *, per_ip: int, node_cap: int, reserved: int = 0,
@@ -123,10 +124,10 @@ class Admission:
         self._warned: Dict[str, float] = {}
 
     @classmethod
-    def from_settings(cls, clock: Any, settings: Any, fd_soft_limit: int) -> "Admission":
-        """An Admission with the limits of ``settings`` and a node cap derived from ``fd_soft_limit``."""
-        cap = connection_budget(fd_soft_limit, settings.fd_reserve, settings.db_pool_size, settings.max_connections)
-        return cls(clock, per_ip=settings.conn_open_per_ip, node_cap=cap, reserved=settings.reserved_connections,
+    def from_settings(cls, clock: Any, settings: Any, node_cap: int, reserved: Optional[int] = None) -> "Admission":
+        """An Admission with the limits of ``settings`` for ``node_cap`` connections (see ``connection_budget``)."""
+        return cls(clock, per_ip=settings.conn_open_per_ip, node_cap=node_cap,
+                   reserved=settings.reserved_connections if reserved is None else reserved,
                    head_timeout=settings.request_head_timeout, body_timeout=settings.request_body_timeout,
                    body_grace=settings.request_body_grace, body_min_rate=settings.request_body_min_rate)
 
@@ -140,13 +141,15 @@ class Admission:
             self._refused("connections_open_per_ip", "a client address holds {cap} open connections; "
                           "refusing more at accept", self.per_ip)
             return None
-        if self.open >= self.node_cap:
+        restricted = self.open >= self.node_cap - self.reserved
+        # The reserved slots go only to an address that holds nothing else
+        # here (a monitor's probe), so whoever filled the node cannot take them.
+        if self.open >= self.node_cap or (restricted and held > 0):
             self._refused("connections_per_node", "the node holds {cap} open connections (its fd budget); "
                           "refusing new ones at accept", self.node_cap)
             return None
         self.by_ip[key] = held + 1
         self.open += 1
-        restricted = self.open > self.node_cap - self.reserved
         if restricted:
             metrics.LIMIT_HITS.labels(limit="connections_per_node_restricted").inc()
         return restricted

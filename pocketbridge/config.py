@@ -163,6 +163,7 @@ SETTINGS: List[Setting] = [
     Setting("request_body_timeout", positive_float, 30.0, "PB_REQUEST_BODY_TIMEOUT", "Seconds to send an HTTP request body"),
     Setting("request_body_grace", positive_float, 10.0, "PB_REQUEST_BODY_GRACE", "Seconds of a request body before its minimum rate applies"),
     Setting("request_body_min_rate", non_negative_int, 1024, "PB_REQUEST_BODY_MIN_RATE", "Bytes per second a request body must average after the grace period (0 = no minimum)"),
+    Setting("listen_backlog", positive_int, 1024, "PB_LISTEN_BACKLOG", "Accept queue of the listening sockets when the endpoint string sets no backlog= (a full queue drops SYNs: 1 s client retries)"),
     Setting("handshake_failures_per_ip", positive_int, 20, "PB_HANDSHAKE_FAILURES_PER_IP", "Handshake failures per IP per minute"),
     Setting("sockets_per_device", positive_int, 5, "PB_SOCKETS_PER_DEVICE", "Authenticated sockets per device"),
     Setting("sockets_per_user", positive_int, 50, "PB_SOCKETS_PER_USER", "Authenticated sockets per user"),

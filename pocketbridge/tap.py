@@ -172,7 +172,7 @@ def makeService(options: Options) -> MultiService:
     """Wire the server from its options."""
     from twisted.internet import reactor
 
-    from .admission import Admission, AdmissionFactory, raise_fd_limit
+    from .admission import Admission, AdmissionFactory, connection_budget, raise_fd_limit
     from .gateway import make_factory
     from .hub import DeliveryHub, LocalBus
     from .keys import load_server_key
@@ -227,11 +227,15 @@ def makeService(options: Options) -> MultiService:
     app = build_app(node)
     site = build_site(Root(node, app, make_factory(node)), reactor)
     old_soft, fd_soft, fd_hard = raise_fd_limit()
-    admission = Admission.from_settings(reactor, settings, fd_soft)
+    budget = connection_budget(fd_soft, settings.fd_reserve, settings.db_pool_size, settings.max_connections)
+    # The private --metrics-listen port has its own small share of the
+    # budget, so a full main port cannot starve the metrics scrape.
+    private = min(max(4, settings.reserved_connections), budget // 2) if settings.metrics_listen else 0
+    admission = Admission.from_settings(reactor, settings, max(1, budget - private))
     log.info("file descriptors: soft limit {old} raised to {soft} (hard limit {hard}); client connections per node "
-             "{cap} ({reserved} of them for /health and /metrics only), per IP {per_ip}",
+             "{cap} ({reserved} of them for /health and /metrics only), {private} on --metrics-listen, per IP {per_ip}",
              old=old_soft, soft=fd_soft, hard=fd_hard, cap=admission.node_cap, reserved=admission.reserved,
-             per_ip=admission.per_ip)
+             private=private, per_ip=admission.per_ip)
 
     top = OrderedServices()
     _Storage(storage).setServiceParent(top)
@@ -240,7 +244,7 @@ def makeService(options: Options) -> MultiService:
     _Loops(node).setServiceParent(top)
     _Gateway(node).setServiceParent(top)
     try:
-        endpoint = serverFromString(reactor, settings.listen)
+        endpoint = serverFromString(reactor, _with_backlog(settings.listen, settings.listen_backlog))
     except (ValueError, TypeError, KeyError) as e:
         raise _fail("configuration error: --listen: {}".format(_one_line(e)))
     web = StreamServerEndpointService(endpoint, AdmissionFactory(site, admission, _refuse_with_none(settings.listen)))
@@ -251,11 +255,14 @@ def makeService(options: Options) -> MultiService:
     Jobs(node, settings.jobs_interval, settings.job_batch).setServiceParent(top)
     if settings.metrics_listen:
         try:
-            m_endpoint = serverFromString(reactor, settings.metrics_listen)
+            m_endpoint = serverFromString(reactor, _with_backlog(settings.metrics_listen, settings.listen_backlog))
         except (ValueError, TypeError, KeyError) as e:
             raise _fail("configuration error: --metrics-listen: {}".format(_one_line(e)))
         StreamServerEndpointService(
-            m_endpoint, AdmissionFactory(metrics_site(node), admission, _refuse_with_none(settings.metrics_listen)),
+            m_endpoint,
+            AdmissionFactory(metrics_site(node, reactor),
+                             Admission.from_settings(reactor, settings, max(1, private), reserved=0),
+                             _refuse_with_none(settings.metrics_listen)),
         ).setServiceParent(top)
 
     log.info("PocketBridge {version} node {node} listening on {listen}; storage {storage}; server key {pub}",
@@ -268,6 +275,14 @@ def makeService(options: Options) -> MultiService:
     if settings.listen.startswith("tcp") and not settings.trusted_proxies:
         log.warn("listening on plain TCP without a trusted proxy: use TLS (ssl:...) in production")
     return top
+
+
+def _with_backlog(listen: str, backlog: int) -> str:
+    """``listen`` with ``backlog=`` added for tcp/ssl/unix endpoints that do not set one (Twisted's default is 50)."""
+    kind = listen.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in listen:
+        return "{}:backlog={}".format(listen, backlog)
+    return listen
 
 
 def _refuse_with_none(listen: str) -> bool:

@@ -141,9 +141,9 @@ def build_site(root: Any, reactor: Any = None) -> Site:
     return site
 
 
-def metrics_site(node: Any) -> Site:
+def metrics_site(node: Any, reactor: Any = None) -> Site:
     """A separate site serving only ``/metrics`` (``--metrics-listen``)."""
     app = Klein()
     api = Api(app, node, node.api.auth)
     api.route("/metrics", ["GET"], auth="none", rate_limited=False)(metrics_route)
-    return build_site(app)
+    return build_site(app, reactor)

@@ -144,10 +144,11 @@ class NodeCapTests(SynchronousTestCase):
         return Root(node, app, ws)
 
     def test_full_node_answers_health_but_refuses_the_rest(self) -> None:
-        """At the cap's last slots /health is answered and the upgrade gets 503; past the cap, refused at accept."""
+        """In the cap's last slots a new address gets /health but 503 for the upgrade; past the cap, refused at accept."""
         h = Harness(root=self._root(), per_ip=100, node_cap=4, reserved=2)
         normal = [h.connect("10.0.0.%d" % i) for i in (1, 2)]
         self.assertFalse(any(p.restricted for p, _ in normal))
+        self.assertEqual(h.connect("10.0.0.1"), (None, None), "the reserve is not for an address that holds a slot")
         p3, t3 = h.connect("10.0.0.3")
         p4, t4 = h.connect("10.0.0.4")
         self.assertTrue(p3.restricted and p4.restricted)
@@ -170,7 +171,7 @@ class NodeCapTests(SynchronousTestCase):
         self.assertEqual(connection_budget(1024, 64, 4, max_connections=300), 300)
         self.assertEqual(connection_budget(1024, 64, 4, max_connections=5000), 956)
         self.assertEqual(connection_budget(50, 64, 4), 1)
-        a = Admission.from_settings(MemoryReactorClock(), Settings(), 1024)
+        a = Admission.from_settings(MemoryReactorClock(), Settings(), connection_budget(1024, 64, 4))
         self.assertEqual((a.node_cap, a.per_ip, a.reserved), (956, 512, 16))
 
     def test_soft_fd_limit_is_raised_to_the_hard_limit(self) -> None:
@@ -311,3 +312,28 @@ class BodyDeadlineTests(SynchronousTestCase):
         self.assertLessEqual(len(calls), 25)
         h.close(proto)
         self.assertEqual(h.clock.getDelayedCalls(), [], "no timer outlives the connection")
+
+
+class ListenerTests(SynchronousTestCase):
+    """How refusals and the accept queue are set up on the listening side."""
+
+    def test_refused_under_a_wrapping_factory_aborts_at_connect(self) -> None:
+        """Under TLS (which cannot take None) a refused connection gets a protocol that aborts at once."""
+        h = Harness(per_ip=1)
+        h.factory.refuse_with_none = False
+        h.connect("10.0.0.1")
+        refused = h.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 2))
+        transport = StringTransport()
+        refused.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.admission.open, 1, "a refused connection is not counted")
+
+    def test_listen_backlog_is_added_unless_given(self) -> None:
+        """tcp/ssl/unix endpoints get backlog=N (Twisted's default 50 drops SYNs under a connect flood) unless set."""
+        from pocketbridge.tap import _refuse_with_none, _with_backlog
+
+        self.assertEqual(_with_backlog("tcp:3001:interface=127.0.0.1", 1024), "tcp:3001:interface=127.0.0.1:backlog=1024")
+        self.assertEqual(_with_backlog("tcp:3001:backlog=5", 1024), "tcp:3001:backlog=5")
+        self.assertEqual(_with_backlog("systemd:domain=INET:index=0", 1024), "systemd:domain=INET:index=0")
+        self.assertTrue(_refuse_with_none("tcp:3001"))
+        self.assertFalse(_refuse_with_none("ssl:443:privateKey=k.pem"))
