@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, List, Tuple
 
 from twisted.enterprise import adbapi
+from twisted.logger import Logger
 
 from .base import Storage
+
+log = Logger()
+#: Seconds between two "connection lost" lines of one pool (one line per outage, not per query).
+LOST_LOG_INTERVAL = 60.0
 
 
 MIGRATION_LOCK = 0x70625F6D6967  # "pb_mig"
@@ -18,6 +25,82 @@ def _setup(conn: Any) -> None:
         cur.execute("SET synchronous_commit = on")
         cur.execute("SET statement_timeout = '30s'")
     conn.commit()
+
+
+class _Connection(adbapi.Connection):
+    """adbapi's reconnecting connection, without a traceback when the rollback of a dead connection fails."""
+
+    def rollback(self) -> None:
+        pool: Any = self._pool
+        try:
+            self._connection.rollback()
+            cursor = self._connection.cursor()
+            cursor.execute(pool.good_sql)
+            cursor.close()
+            self._connection.commit()
+            return
+        except BaseException as e:
+            pool.connection_lost(e)
+        pool.disconnect(self._connection)
+        raise adbapi.ConnectionLost()
+
+
+class QuietPool(adbapi.ConnectionPool):
+    """
+    A ConnectionPool that reports a lost database connection as one warning
+    line (at most one per ``LOST_LOG_INTERVAL``) instead of adbapi's
+    "Rollback failed" and "Connection close failed" tracebacks. The error
+    itself still reaches the caller (``Storage.run``).
+    """
+
+    connectionFactory = _Connection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lost_lock = threading.Lock()
+        self._lost_logged = -LOST_LOG_INTERVAL
+
+    def connection_lost(self, error: BaseException) -> None:
+        """A connection failed its rollback (database gone): log once per interval."""
+        now = time.monotonic()
+        with self._lost_lock:
+            if now - self._lost_logged < LOST_LOG_INTERVAL:
+                return
+            self._lost_logged = now
+        log.warn("database connection lost, reconnecting: {error}", error=str(error).strip() or type(error).__name__)
+
+    def _runInteraction(self, interaction: Any, *args: Any, **kw: Any) -> Any:
+        """
+        adbapi's transaction, once more on a fresh connection when the pooled
+        one turned out dead before COMMIT was sent (after a database restart
+        every pooled connection is dead; nothing of that attempt was stored,
+        and every transaction here is safe to retry, STYLE.md §8).
+        """
+        for attempt in (1, 2):
+            conn = self.connectionFactory(self)
+            trans = self.transactionFactory(self, conn)
+            committing = False
+            try:
+                result = interaction(trans, *args, **kw)
+                trans.close()
+                committing = True
+                conn.commit()
+                return result
+            except BaseException:
+                try:
+                    conn.rollback()
+                except adbapi.ConnectionLost:
+                    # Logged once by connection_lost; the original error is what matters.
+                    if attempt == 1 and not committing:
+                        continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _close(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except BaseException:
+            pass  # closing a connection that is already dead
 
 
 class PostgresStorage(Storage):
@@ -32,7 +115,7 @@ class PostgresStorage(Storage):
         self.pool_size = pool_size
 
     def _make_pool(self) -> adbapi.ConnectionPool:
-        return adbapi.ConnectionPool(
+        return QuietPool(
             "psycopg2",
             self.url,
             cp_min=1,
