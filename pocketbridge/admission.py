@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import resource as _resource
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, cast
 
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 from . import metrics
 from .api.http import LimitedRequest
@@ -188,7 +189,7 @@ class AdmittedConnection(ProtocolWrapper):
 
     def __init__(self, factory: "AdmissionFactory", wrapped: Any, key: str, restricted: bool) -> None:
         self._http = True  # until a protocol (the WebSocket) takes the transport over
-        super().__init__(factory, wrapped)
+        super().__init__(cast(Any, factory), wrapped)
         self.key = key
         self.restricted = restricted
         self.admission = factory.admission
@@ -200,11 +201,11 @@ class AdmittedConnection(ProtocolWrapper):
     # The gateway sets the TCP transport's buffer size through its transport (us).
     @property
     def bufferSize(self) -> int:
-        return int(self.transport.bufferSize)
+        return int(cast(Any, self.transport).bufferSize)
 
     @bufferSize.setter
     def bufferSize(self, value: int) -> None:
-        self.transport.bufferSize = value
+        cast(Any, self.transport).bufferSize = value
 
     @property  # type: ignore[override]
     def wrappedProtocol(self) -> Any:
@@ -223,7 +224,7 @@ class AdmittedConnection(ProtocolWrapper):
         self._arm(self.admission.head_timeout, self._head_expired)
         super().makeConnection(transport)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
         self.connected = False
         self.channel = None
