@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+import unittest
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import urlparse, urlunparse
@@ -24,7 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from tests.faultctl import CommitCutter, PrivatePostgres, TmpfsServer, sleep, tmpfs_available
-from tests.harness import PostgresDatabase, create_database, require_postgres, start_server
+from tests.harness import PostgresDatabase, create_database, in_ci, require_postgres, start_server
 
 STREAM = "clipboard:main"
 TYPE = "clipboard:text"
@@ -96,6 +97,16 @@ class FaultCase(TestCase):
         except Exception as e:
             self.last_send_error = e
             return None
+
+    async def _is(self, server: Any, status: int) -> bool:
+        return await self.health(server) == status
+
+    async def _reconnect(self, client: Client) -> bool:
+        try:
+            await client.connect()
+            return True
+        except Exception:
+            return False
 
     def assertOncePerSocket(self, client: Client) -> None:
         """No event reached this client's sockets twice (v2 dedupes by resume, so the list is the wire)."""
@@ -210,12 +221,66 @@ class PostgresRestartTests(FaultCase):
         self.assertLessEqual(len(warnings), 12, "\n".join(warnings))
         self.assertLess(recovered_in, 15)
 
-    async def _is(self, server: Any, status: int) -> bool:
-        return await self.health(server) == status
 
-    async def _reconnect(self, client: Client) -> bool:
-        try:
-            await client.connect()
-            return True
-        except Exception:
-            return False
+class DiskFullTests(FaultCase):
+    """A full disk under SQLite (the data directory is a 16 MB tmpfs the test fills and frees)."""
+
+    def setUp(self) -> None:
+        if not tmpfs_available():
+            reason = "unshare -rm cannot mount a tmpfs here; the full-disk test needs it"
+            if in_ci():
+                self.fail(reason)
+            raise unittest.SkipTest(reason)
+
+    async def test_full_disk(self) -> None:
+        """While the disk is full uploads are refused (never acked) and /health says 503; after space is freed it says 200 by itself and every acked event reaches the other device once."""
+        server = TmpfsServer(size="16m", args=ARGS + ["--writer-retry-max", "2"])
+        self.addCleanup(server.cleanup)
+        await server.start()
+        user = Identity.generate()
+        receiver = await self.online(server.ws_url, user)
+        sender = await self.online(server.ws_url, user)
+        acked: List[int] = []
+        for _ in range(3):
+            ack = await self.send(sender, b64(2000))
+            assert ack is not None
+            acked.append(ack["seq"])
+
+        self.assertGreater(server.fill(), 0)
+        refused, saw_503 = 0, False
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline and not (refused and saw_503):
+            if not is_open(sender):
+                try:
+                    await sender.connect()
+                except Exception:
+                    await sleep(0.2)
+                    continue
+            ack = await self.send(sender, b64(30000))
+            if ack is None:
+                refused += 1
+            else:
+                acked.append(ack["seq"])
+            saw_503 = saw_503 or await self.health(server) == 503
+        self.assertGreater(refused, 0, "uploads kept being acked on a full disk")
+        self.assertTrue(saw_503, "/health kept answering 200 while every commit failed")
+
+        server.free()
+        freed = time.monotonic()
+        await self.until(lambda: self._is(server, 200), "/health 200 after space was freed", 10)
+        self.assertLess(time.monotonic() - freed, 10)
+        if not is_open(sender):
+            await self.until(lambda: self._reconnect(sender), "the sender to reconnect")
+        for _ in range(3):
+            ack = await self.send(sender, b64(2000))
+            self.assertIsNotNone(ack)
+            assert ack is not None
+            acked.append(ack["seq"])
+        self.assertEqual(sorted(set(acked)), acked)
+        if not is_open(receiver):
+            await self.until(lambda: self._reconnect(receiver), "the receiver to reconnect")
+        await self.until(lambda: set(acked) <= {e["seq"] for e in receiver.events_received},
+                         "the receiver to get every acked event")
+        self.assertOncePerSocket(receiver)
+        failures = [line for line in server.log_text().splitlines() if "commit" in line and "fail" in line]
+        self.assertLessEqual(len(failures), 20, "\n".join(failures))
