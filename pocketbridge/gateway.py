@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from . import crypto, metrics, wire
 from .handshake import AuthRequest, ServerHandshake
-from .outbound import Outbound
+from .outbound import FlowControl, Outbound
 from .session import WS_PING, WS_PONG, Session
 from .session_v2 import V2Session
 from .storage import StorageUnavailable
@@ -45,7 +45,7 @@ def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, 
     return ip
 
 
-class GatewayProtocol(WebSocketServerProtocol):
+class GatewayProtocol(FlowControl, WebSocketServerProtocol):
     """One WebSocket connection."""
 
     node: Any = None  # set by the factory
@@ -180,78 +180,6 @@ class GatewayProtocol(WebSocketServerProtocol):
         if not self.gone and not self.dropped and self.transport is not None:
             self.dropped = True
             cast(Any, self.transport).abortConnection()
-
-    # -------------------------------------------------------------- bytes out
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        """Every write of the connection: within the outbound ceiling, never after the socket is gone."""
-        if self.gone or self.dropped or self.transport is None or self.state == self.STATE_CLOSED:
-            return
-        out = self.outbound
-        if out is not None and not self.closing_frame and not out.admit(len(data)):
-            self._over_ceiling()
-            return
-        super().sendData(data, sync, chopsize)
-        if out is not None:
-            out.wrote(len(data))
-
-    def _over_ceiling(self) -> None:
-        """More unsent bytes than allowed: 4008 after authentication, dropped before (§12)."""
-        if self.established and self.session is not None:
-            metrics.LIMIT_HITS.labels(limit="outbound_bytes").inc()
-            self.session.close(4008, "Slow consumer")
-        else:
-            metrics.LIMIT_HITS.labels(limit="preauth_outbound_bytes").inc()
-            self._drop()
-
-    def _outbound_paused(self) -> None:
-        if self.session is not None:
-            self.session.outbound_paused()
-
-    def _outbound_resumed(self) -> None:
-        if self.session is not None and not self.gone:
-            self.session.outbound_resumed()
-
-    def _outbound_stalled(self) -> None:
-        session = self.session
-        if session is not None and not self.gone:
-            metrics.LIMIT_HITS.labels(limit="outbound_stall").inc()
-            session.close(4008, "Slow consumer")
-
-    # -------------------------------------------------------------- bytes in
-
-    def _dataReceived(self, data: bytes) -> None:
-        self.in_rx = True
-        try:
-            super()._dataReceived(data)
-        finally:
-            self.in_rx = False
-
-    def processData(self) -> bool:
-        """Autobahn handles all buffered frames in one loop; stop it while reading is held."""
-        if self.read_held:
-            return False
-        return bool(super().processData())
-
-    def _apply_hold(self) -> None:
-        """Pause or resume the transport; on resume, handle frames already buffered."""
-        held = self.hold_auth or self.hold_session
-        if self.gone or self.transport is None or held == self.read_held:
-            return
-        self.read_held = held
-        transport: Any = self.transport
-        if held:
-            transport.pauseProducing()
-            self.reading_paused(True)
-            return
-        transport.resumeProducing()
-        self.reading_paused(False)
-        if self.data and not self.in_rx:
-            self.in_rx = True
-            try:
-                self.consumeData()
-            finally:
-                self.in_rx = False
 
     # -------------------------------------------------------------- frames
 

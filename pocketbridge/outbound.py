@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from . import metrics
+
 #: Seconds between checks of a paused connection's buffer (at most).
 TICK = 1.0
 
@@ -135,3 +137,111 @@ class Outbound:
 
     def stopProducing(self) -> None:
         self.stop()
+
+
+class FlowControl:
+    """
+    The gateway protocol's byte flow, mixed in before Autobahn's protocol:
+    every write goes through ``Outbound`` (the ceiling, then the count), and
+    reading stops for real while held: Autobahn handles every frame buffered
+    from one read in a single loop, so ``processData`` refuses to go on and
+    the frames wait, unparsed, until reading resumes.
+
+    Expects the gateway's attributes (``outbound``, ``session``,
+    ``established``, ``gone``, ``dropped``, ``closing_frame``, ``hold_auth``,
+    ``hold_session``, ``read_held``, ``in_rx``) and its ``_drop`` and
+    ``reading_paused``.
+    """
+
+    outbound: Optional[Outbound]
+    session: Any
+    established: bool
+    gone: bool
+    dropped: bool
+    closing_frame: bool
+    hold_auth: bool
+    hold_session: bool
+    read_held: bool
+    in_rx: bool
+    transport: Any
+    state: int
+    data: bytes
+    STATE_CLOSED: int
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def reading_paused(self, paused: bool) -> None:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- bytes out
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """Every write of the connection: within the outbound ceiling, never after the socket is gone."""
+        if self.gone or self.dropped or self.transport is None or self.state == self.STATE_CLOSED:
+            return
+        out = self.outbound
+        if out is not None and not self.closing_frame and not out.admit(len(data)):
+            self._over_ceiling()
+            return
+        super().sendData(data, sync, chopsize)  # type: ignore[misc]
+        if out is not None:
+            out.wrote(len(data))
+
+    def _over_ceiling(self) -> None:
+        """More unsent bytes than allowed: 4008 after authentication, dropped before (§12)."""
+        if self.established and self.session is not None:
+            metrics.LIMIT_HITS.labels(limit="outbound_bytes").inc()
+            self.session.close(4008, "Slow consumer")
+        else:
+            metrics.LIMIT_HITS.labels(limit="preauth_outbound_bytes").inc()
+            self._drop()
+
+    def _outbound_paused(self) -> None:
+        if self.session is not None:
+            self.session.outbound_paused()
+
+    def _outbound_resumed(self) -> None:
+        if self.session is not None and not self.gone:
+            self.session.outbound_resumed()
+
+    def _outbound_stalled(self) -> None:
+        session = self.session
+        if session is not None and not self.gone:
+            metrics.LIMIT_HITS.labels(limit="outbound_stall").inc()
+            session.close(4008, "Slow consumer")
+
+    # -------------------------------------------------------------- bytes in
+
+    def _dataReceived(self, data: bytes) -> None:
+        self.in_rx = True
+        try:
+            super()._dataReceived(data)  # type: ignore[misc]
+        finally:
+            self.in_rx = False
+
+    def processData(self) -> bool:
+        """Autobahn handles all buffered frames in one loop; stop it while reading is held."""
+        if self.read_held:
+            return False
+        return bool(super().processData())  # type: ignore[misc]
+
+    def _apply_hold(self) -> None:
+        """Pause or resume the transport; on resume, handle frames already buffered."""
+        held = self.hold_auth or self.hold_session
+        if self.gone or self.transport is None or held == self.read_held:
+            return
+        self.read_held = held
+        transport: Any = self.transport
+        if held:
+            transport.pauseProducing()
+            self.reading_paused(True)
+            return
+        transport.resumeProducing()
+        self.reading_paused(False)
+        if self.data and not self.in_rx:
+            self.in_rx = True
+            try:
+                self.consumeData()  # type: ignore[attr-defined]
+            finally:
+                self.in_rx = False
