@@ -219,6 +219,21 @@ class AdmittedConnection(ProtocolWrapper):
             # /ws took the transport over: no more HTTP requests on this connection.
             self._http = False
             self._cancel()
+            self._release_http_producer()
+
+    def _release_http_producer(self) -> None:
+        """
+        Unregister the HTTP channel, the only producer registered during the
+        HTTP phase, so the protocol that took over can register its own
+        (the transport allows one).
+        """
+        transport: Any = self.transport
+        if transport is None or getattr(transport, "producer", None) is None:
+            return
+        try:
+            transport.unregisterProducer()
+        except Exception:  # a transport without a registered producer after all
+            pass
 
     def makeConnection(self, transport: Any) -> None:
         self._arm(self.admission.head_timeout, self._head_expired)

@@ -247,6 +247,7 @@ class HeadDeadlineTests(SynchronousTestCase):
         proto.dataReceived(UPGRADE)
         self.assertTrue(t.value().startswith(b"HTTP/1.1 101"), t.value()[:80])
         self.assertFalse(proto._http)
+        self.assertIsNone(getattr(t, "producer", None), "the HTTP channel no longer holds the transport's producer slot")
         h.clock.advance(60)
         self.assertFalse(t.disconnecting)
 
