@@ -3,7 +3,7 @@ Abuse: a v1 receiver that stops reading for 10 s under honest load, then
 resumes (issue 9, items 1 and 13; PROTOCOL.md §12 "v1 outbound buffer")
 against a real ``twistd``.
 
-The honest sender uploads 40 events/s of 36 KiB each (~1.9 MB/s of base64)
+The honest sender uploads 60 events/s of 36 KiB each (~2.9 MB/s of base64)
 while the user's v1 device does not read; the server is started with
 ``--outbound-pause-bytes`` of 1 MiB, so it must stop sending to that
 socket, keep its own memory bounded, and resume from the database when
@@ -28,10 +28,10 @@ else:
     _Base = object
 
 STALL = 10.0
-RATE = 40.0
+RATE = 60.0
 PAYLOAD = 36 * 1024  # raw bytes; 48 KiB of base64 on the wire
 PAUSE_BYTES = 1 * MIB
-RSS_GROWTH_MB = 64  # ~20 MB are stored during the stall; holding all of it at once is what must not happen
+RSS_GROWTH_MB = 24  # ~29 MB are stored during the stall; holding all of it at once is what must not happen
 
 
 class StalledReceiver(_Base):

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-PING_PAYLOAD = b"p" * 125  # the largest control frame payload: the pong echoes it
+PING_PAYLOAD = b"p" * 125
+RCVBUF = 16384  # bytes: the attacker's socket receive buffer  # the largest control frame payload: the pong echoes it
 
 
 # ---------------------------------------------------------------- framing
@@ -100,7 +101,14 @@ class Reader:
 
 def upgrade(host: str, port: int, source: Optional[str] = None, timeout: float = 10.0) -> Tuple[socket.socket, Reader]:
     """A socket past a successful WebSocket upgrade at /ws."""
-    sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small receive buffer (set before connect, so the kernel does not grow it): what the attacker does not
+    # read piles up in the server, not in the attacker's kernel.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    sock.settimeout(timeout)
+    if source:
+        sock.bind((source, 0))
+    sock.connect((host, port))
     key = base64.b64encode(os.urandom(16)).decode("ascii")
     sock.sendall(upgrade_head(host, port, key).encode("ascii"))
     buf = b""

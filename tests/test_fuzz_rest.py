@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -56,7 +56,7 @@ ROUTES = [
     ("GET", "/api/pairing/v2/{code}/sealed"), ("GET", "/admin/stats"), ("POST", "/admin/drain"),
 ]
 
-segment = st.one_of(st.from_regex(r"\A[0-9]{6}\Z"), st.uuids().map(str), st.text(max_size=20))
+segment = st.one_of(st.just(""), st.from_regex(r"\A[0-9]{6}\Z"), st.uuids().map(str), st.text(max_size=20))
 token = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=1, max_size=16)
 header_value = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60)
 json_value = st.recursive(
@@ -186,6 +186,10 @@ class RestFuzz(TestCase):
 
         @EXAMPLES
         @given(api_requests())
+        @example({"method": "GET", "path": "/api//devices", "headers": [], "body": b"", "sign": True,
+                  "content_type": ""})
+        @example({"method": "GET", "path": "/api/pairing/v2//sealed?token=x", "headers": [], "body": b"",
+                  "sign": False, "content_type": ""})
         def well_formed(r: Dict[str, Any]) -> None:
             answer = exchange(server.port, self.request_bytes(r, identity, device_id))
             self.assertIsNotNone(answer, "no answer to {}".format(r))
