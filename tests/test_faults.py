@@ -25,7 +25,8 @@ from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from tests.faultctl import CommitCutter, PrivatePostgres, TmpfsServer, sleep, tmpfs_available
-from tests.harness import PostgresDatabase, create_database, in_ci, require_postgres, start_server
+from tests.harness import PostgresDatabase, create_database, free_port, in_ci, require_postgres, start_server
+from tests.redisctl import PrivateRedis, RedisAdmin, redis_server_available
 
 STREAM = "clipboard:main"
 TYPE = "clipboard:text"
@@ -284,3 +285,110 @@ class DiskFullTests(FaultCase):
         self.assertOncePerSocket(receiver)
         failures = [line for line in server.log_text().splitlines() if "commit" in line and "fail" in line]
         self.assertLessEqual(len(failures), 20, "\n".join(failures))
+
+
+def net_input_bytes(admin: RedisAdmin) -> int:
+    """Bytes Redis received from its clients since it started (INFO stats)."""
+    text = admin.command("INFO", "stats").decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.startswith("total_net_input_bytes:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError("no total_net_input_bytes in INFO stats")
+
+
+class ClusterFaultTests(FaultCase):
+    """Two nodes on one PostgreSQL database."""
+
+    def setUp(self) -> None:
+        require_postgres(self)
+
+    async def private_redis(self) -> PrivateRedis:
+        if not redis_server_available():
+            reason = "redis-server is not installed; the Redis fault tests need one"
+            if in_ci():
+                self.fail(reason)
+            raise unittest.SkipTest(reason)
+        private = PrivateRedis(free_port())
+        self.addCleanup(private.cleanup)
+        await private.start()
+        return private
+
+    async def two_nodes(self, redis: PrivateRedis) -> List[Any]:
+        db = create_database(self)
+        self.db_url = db.url
+        args = ARGS + ["--redis", redis.url, "--redis-prefix", "pbfault:{}:".format(uuid.uuid4().hex[:12])]
+        one = await start_server(self, backend="postgresql", database_url=db.url, args=args)
+        two = await start_server(self, backend="postgresql", database_url=db.url, args=args)
+        return [one, two]
+
+    async def test_redis_outage_holds_no_payloads(self) -> None:
+        """150 events of 40 KB sent during a Redis outage reach the device on the other node once each after Redis is back, and the writing node sends Redis small notices, not the payloads (under 1 MB, not 6 MB)."""
+        private = await self.private_redis()
+        one, two = await self.two_nodes(private)
+        user = Identity.generate()
+        b = await self.online(two.ws_url, user)
+        a = await self.online(one.ws_url, user)
+        first = await self.send(a, b64())
+        assert first is not None
+        await self.until(lambda: b.last_seq >= first["seq"], "the first event on node 2")
+
+        private.kill9()
+        await sleep(0.3)
+        acks = await gatherResults([Deferred.fromCoroutine(self.send(a, b64(30000))) for _ in range(150)])
+        self.assertNotIn(None, acks, "uploads failed during a Redis outage (storage is the truth)")
+        wanted = [first["seq"]] + [k["seq"] for k in acks]
+        await private.start()
+        await self.until(lambda: set(wanted) <= {e["seq"] for e in b.events_received},
+                         "every event on node 2 after Redis came back", timeout=20)
+        await sleep(0.5)
+        self.assertOncePerSocket(b)
+        self.assertEqual([e["seq"] for e in b.events_received], sorted(wanted))
+        self.assertLess(net_input_bytes(private.admin), 1_000_000,
+                        "the nodes sent Redis the held payloads after the outage")
+
+    async def test_kill9_of_a_node_mid_stream(self) -> None:
+        """kill -9 of the sender's node mid-stream: the sender re-sends its unacked events through the other node; the device there gets every acked event once, within 3 s of the last ack, with no later event to reveal a gap."""
+        private = await self.private_redis()
+        one, two = await self.two_nodes(private)
+        user = Identity.generate()
+        b = await self.online(two.ws_url, user)
+        a = await self.online(one.ws_url, user)
+        sent: List[Any] = []
+        results: Dict[int, Optional[Dict[str, Any]]] = {}
+
+        base = a.next_device_seq
+
+        async def stream(n: int) -> None:
+            for i in range(n):
+                item = (str(uuid.uuid4()), base + i, b64(200))
+                sent.append(item)
+                d = Deferred.fromCoroutine(self.send(a, item[2], item[0], item[1]))
+                d.addCallback(lambda ack, i=i: results.__setitem__(i, ack))
+                await sleep(0.01)
+
+        streaming = Deferred.fromCoroutine(stream(300))
+        await sleep(1.0)
+        await one.kill9()
+        await streaming
+        await self.until(lambda: len(results) == len(sent), "every send to finish")
+        acked = {k["seq"]: k for k in results.values() if k is not None}
+        self.assertGreater(len(acked), 10)
+        # Re-send everything not acked, through node 2, with the same ids (as the SDK does).
+        a2 = Client.v2(reactor, two.ws_url, user, device_id=a.device_id)
+        self.addCleanup(lambda: a2.close_info is None and a2.close())
+        await a2.connect()
+        for i, (event_id, device_seq, payload) in enumerate(sent):
+            if results[i] is not None:
+                continue
+            ack = await self.send(a2, payload, event_id, device_seq)
+            self.assertIsNotNone(ack, repr(getattr(self, "last_send_error", None)))
+            assert ack is not None
+            acked[ack["seq"]] = ack
+        last_ack = time.monotonic()
+        wanted = sorted(acked)
+        self.assertEqual(wanted, list(range(1, len(sent) + 1)), "seqs should have no gap and no extra")
+        await self.until(lambda: set(wanted) <= {e["seq"] for e in b.events_received},
+                         "the device on node 2 to get every acked event live", timeout=3.0)
+        self.assertLess(time.monotonic() - last_ack, 3.5)
+        self.assertOncePerSocket(b)
+        self.assertEqual(stored_seqs(self.db_url, user.user_id), wanted)
