@@ -12,6 +12,13 @@ user. Budgets, each over a fixed window (``pairing_failure_window``, 600 s):
 While any budget that applies to a request is spent, every pairing lookup
 answers 429 with ``Retry-After`` = the seconds until that window closes.
 
+Each lookup *reserves* its failure before it touches storage: one atomic step
+takes a slot from every budget that applies (or refuses with 429 and takes
+none), and the slot is given back when the lookup turns out not to be a
+failure. So however many lookups run at once, the failures admitted in one
+window never exceed a budget (a slot taken and given back in one window is
+never credited to the next).
+
 The counters sit behind ``FailureCounters``; ``LimitsFailureCounters`` keeps
 them in the node's shared limits store (``pocketbridge.limits``: in memory,
 or in Redis so that every node of a cluster spends one budget).
@@ -20,10 +27,15 @@ or in Redis so that every node of a cluster spends one budget).
 from __future__ import annotations
 
 import math
-from typing import Any, Awaitable, Callable, Iterable, Optional, Protocol, Tuple
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Protocol, Sequence, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from .. import metrics
 from .http import ApiError
+
+log = Logger()
 
 GLOBAL_KEY = "global"
 CODES_PER_SHARE = 50
@@ -38,6 +50,12 @@ class FailureCounters(Protocol):
 
     async def add(self, key: str) -> int:
         """Count one failure in the key's current window; the new count."""
+
+    async def reserve(self, limits: Sequence[Tuple[str, int]]) -> Tuple[Any, int, List[str]]:
+        """One slot from every (key, limit) atomically: (ticket, 0, []) or (None, seconds to wait, full keys)."""
+
+    async def release(self, ticket: Any) -> None:
+        """Give a reservation's slots back (only to the windows they were taken from)."""
 
 
 class LimitsFailureCounters:
@@ -55,13 +73,54 @@ class LimitsFailureCounters:
 
     async def get(self, key: str) -> Tuple[int, float]:
         """(count, seconds left) of the key's current window."""
-        count, left = await self.limits.window(self.NAME, key, self.window, 0)
+        count, left = await self.limits.budget_count(self.NAME, key, self.window, 0)
         return int(count), float(left)
 
     async def add(self, key: str) -> int:
         """Count one failure."""
-        count, _ = await self.limits.window(self.NAME, key, self.window, 1)
+        count, _ = await self.limits.budget_count(self.NAME, key, self.window, 1)
         return int(count)
+
+    async def reserve(self, limits: Sequence[Tuple[str, int]]) -> Tuple[Any, int, List[str]]:
+        """Reserve one failure on every (key, limit) or none."""
+        ticket, wait, full = await self.limits.reserve(self.NAME, list(limits), self.window)
+        return ticket, int(wait), list(full)
+
+    async def release(self, ticket: Any) -> None:
+        """Give a reservation back."""
+        await self.limits.release(self.NAME, ticket)
+
+
+class Reservation:
+    """
+    One failed lookup reserved on every budget that applies. The route calls
+    ``keep()`` when the lookup failed (the slot stays spent) and ``refund()``
+    on every way out (a no-op after ``keep``): success, another error, a
+    cancelled request.
+    """
+
+    def __init__(self, counters: FailureCounters, ticket: Any, add_global: bool) -> None:
+        self.counters = counters
+        self.ticket = ticket
+        self.add_global = add_global
+        self.settled = False
+
+    def keep(self) -> None:
+        """The lookup failed: the slots stay spent (and the service-wide count grows, if not reserved)."""
+        if self.settled:
+            return
+        self.settled = True
+        if self.add_global:
+            Deferred.fromCoroutine(self.counters.add(GLOBAL_KEY)).addErrback(
+                lambda f: log.warn("counting a pairing failure failed: {error}", error=f.getErrorMessage()))
+
+    def refund(self) -> None:
+        """The lookup did not fail: give the slots back (no-op once settled)."""
+        if self.settled:
+            return
+        self.settled = True
+        Deferred.fromCoroutine(self.counters.release(self.ticket)).addErrback(
+            lambda f: log.warn("giving back a pairing reservation failed: {error}", error=f.getErrorMessage()))
 
 
 def global_limit(base: int, live_codes: int) -> int:
@@ -94,12 +153,27 @@ class PairingBudgets:
         self.count_live = count_live
         self.now = now
         self._live: Optional[Tuple[float, int]] = None  # (fetched at, count)
+        self._counting: Optional[List["Deferred[int]"]] = None  # callers waiting for a count in flight
 
     async def live_codes(self) -> int:
-        """The number of live pairing codes (at most a second old)."""
+        """The number of live pairing codes (at most a second old; concurrent callers share one count)."""
         t = self.now()
         if self._live is None or t - self._live[0] > LIVE_COUNT_MAX_AGE or t < self._live[0]:
-            self._live = (t, int(await self.count_live()))
+            if self._counting is not None:
+                waiter: "Deferred[int]" = Deferred()
+                self._counting.append(waiter)
+                return await waiter
+            self._counting = waiters = []
+            try:
+                self._live = (t, int(await self.count_live()))
+            except BaseException as e:
+                self._counting = None
+                for w in waiters:
+                    w.errback(e)
+                raise
+            self._counting = None
+            for w in waiters:
+                w.callback(self._live[1])
         return self._live[1]
 
     def forget_live_count(self) -> None:
@@ -131,6 +205,24 @@ class PairingBudgets:
         if wait:
             raise ApiError(429, "RATE_LIMITED", "Too many failed pairing attempts; retry later",
                            headers={"Retry-After": str(wait)})
+
+    async def reserve(self, ip: Optional[str], user_id: Optional[str], service_wide: bool = True) -> Reservation:
+        """
+        Reserve one failed lookup on the IP's, the user's (when known) and,
+        with ``service_wide``, the service-wide budget, all or none, before
+        the lookup runs; raise 429 RATE_LIMITED with Retry-After when one is
+        spent. Without ``service_wide`` a kept failure still counts service-wide.
+        """
+        limits = [(key, self.per_ip) for key in _keys(ip, user_id)]
+        if service_wide:
+            limits.append((GLOBAL_KEY, global_limit(self.global_base, await self.live_codes())))
+        ticket, wait, full = await self.counters.reserve(limits)
+        if ticket is None:
+            for key in full:
+                metrics.LIMIT_HITS.labels(limit="pairing_failures_" + key.split(":", 1)[0]).inc()
+            raise ApiError(429, "RATE_LIMITED", "Too many failed pairing attempts; retry later",
+                           headers={"Retry-After": str(max(1, wait))})
+        return Reservation(self.counters, ticket, add_global=not service_wide)
 
     async def failed(self, ip: Optional[str], user_id: Optional[str]) -> None:
         """Count one failed lookup against the IP, the user (when known) and the service."""

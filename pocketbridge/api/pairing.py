@@ -5,12 +5,15 @@ The v1 pairing routes of API.md §3: ``POST /api/pairing/store`` and
 A v1 record carries whatever the client put in ``data`` (v1 clients put
 their identity key pair there), so it is sealed at rest with AES-256-GCM
 under a key derived from the server's secret, bound to its code and owner,
-never logged, and deleted by its first redemption or by expiry. Failed
-lookups spend the budgets of ``limits`` (API.md §2).
+never logged, and deleted by its first redemption or by expiry. The code
+itself is stored only as a keyed hash (``CodeHasher``). Failed lookups spend
+the budgets of ``limits`` (API.md §2), reserved before the storage lookup.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 from typing import Any, Optional, Tuple
@@ -78,9 +81,24 @@ class RecordSealer:
             return None
 
 
+class CodeHasher:
+    """
+    The stored form of a v1 code: HMAC-SHA256 under a key derived from the
+    server secret (its own label, as v2 has), so reading the database does
+    not reveal which codes are live; a guesser must still ask the server.
+    """
+
+    def __init__(self, server_seed: bytes) -> None:
+        self._key = hmac.new(server_seed, b"pocketbridge pairing v1 code key", hashlib.sha256).digest()
+
+    def __call__(self, code: str) -> str:
+        return hmac.new(self._key, code.encode("ascii"), hashlib.sha256).hexdigest()
+
+
 def register(api: Api, node: Any) -> None:
     """Add the v1 pairing routes to api."""
     sealer = RecordSealer(bytes(node.server_key))
+    code_key = CodeHasher(bytes(node.server_key))
     budgets = budgets_for(api, node)
     storage = node.storage
 
@@ -103,17 +121,20 @@ def register(api: Api, node: Any) -> None:
             if not isinstance(claimed, str) or claimed.lower() != user_id:
                 raise ApiError(403, "FORBIDDEN", "data.userId is not the caller")
         ip = api.client_ip(request)
-        await budgets.check(ip, user_id, service_wide=False)
-        now = node.now_ms()
-        ttl_ms = int(round(node.settings.pairing_ttl * 1000))
-        result = await storage.store_pairing(code, user_id, KIND_V1, sealer.seal(code, user_id, plaintext),
-                                             now, now + ttl_ms)
-        if result.outcome != "stored":
-            if result.holder != user_id:
-                # Learning that someone else's code is live is as good as a lookup.
-                await budgets.failed(ip, user_id)
-            metrics.PAIRING.labels(op="store", result="conflict").inc()
-            raise ApiError(409, "CONFLICT", "Pairing code already in use")
+        slot = await budgets.reserve(ip, user_id, service_wide=False)
+        try:
+            now = node.now_ms()
+            ttl_ms = int(round(node.settings.pairing_ttl * 1000))
+            result = await storage.store_pairing(code_key(code), user_id, KIND_V1,
+                                                 sealer.seal(code, user_id, plaintext), now, now + ttl_ms)
+            if result.outcome != "stored":
+                if result.holder != user_id:
+                    # Learning that someone else's code is live is as good as a lookup.
+                    slot.keep()
+                metrics.PAIRING.labels(op="store", result="conflict").inc()
+                raise ApiError(409, "CONFLICT", "Pairing code already in use")
+        finally:
+            slot.refund()
         budgets.forget_live_count()
         metrics.PAIRING.labels(op="store", result="stored").inc()
         return 200, {
@@ -126,17 +147,20 @@ def register(api: Api, node: Any) -> None:
     @api.route("/api/pairing/lookup/<code>", ["GET"], auth="none", name="/api/pairing/lookup")
     async def lookup(request: Any, caller: Caller, code: str) -> Tuple[int, Any]:
         ip = api.client_ip(request)
-        await budgets.check(ip, None)
-        if not is_code(code):
-            await budgets.failed(ip, None)
-            metrics.PAIRING.labels(op="lookup", result="malformed").inc()
-            raise ApiError(400, "VALIDATION_ERROR", "code must be exactly 6 digits", field="code")
-        now = node.now_ms()
-        record = await storage.redeem_pairing(code, KIND_V1, now)
-        if record is None:
-            await budgets.failed(ip, None)
-            metrics.PAIRING.labels(op="lookup", result="not_found").inc()
-            raise ApiError(404, "NOT_FOUND", NOT_FOUND_MESSAGE)
+        slot = await budgets.reserve(ip, None)
+        try:
+            if not is_code(code):
+                slot.keep()
+                metrics.PAIRING.labels(op="lookup", result="malformed").inc()
+                raise ApiError(400, "VALIDATION_ERROR", "code must be exactly 6 digits", field="code")
+            now = node.now_ms()
+            record = await storage.redeem_pairing(code_key(code), KIND_V1, now)
+            if record is None:
+                slot.keep()
+                metrics.PAIRING.labels(op="lookup", result="not_found").inc()
+                raise ApiError(404, "NOT_FOUND", NOT_FOUND_MESSAGE)
+        finally:
+            slot.refund()
         budgets.forget_live_count()
         owner, sealed = record
         plaintext = sealer.open(code, owner, sealed)

@@ -56,18 +56,17 @@ class MailboxRoutes:
             raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
         return code
 
-    async def _failed(self, request: Any, caller: Optional[Caller]) -> None:
-        await self.budgets.failed(self.api.client_ip(request), caller.user_id if caller else None)
-
-    async def _poll(self, request: Any, check: Any) -> Tuple[Any, ...]:
-        """Run ``check()`` until it is not ("wait",) or ``wait`` seconds pass."""
+    async def _poll(self, request: Any, check: Any, result: Optional[Tuple[Any, ...]] = None) -> Tuple[Any, ...]:
+        """Run ``check()`` (unless ``result`` is its first answer) until it is not ("wait",) or ``wait`` seconds pass."""
         wait = query_int(request, "wait", 0, 0, 30)
         deadline = self.node.clock.seconds() + wait
         while True:
-            result = await check()
+            if result is None:
+                result = await check()
             if result[0] != "wait" or self.node.clock.seconds() >= deadline:
-                return result  # type: ignore[no-any-return]
+                return result
             await deferLater(self.node.clock, POLL_SECONDS, lambda: None)
+            result = None
 
     # 1. A opens the mailbox
     async def create(self, request: Any, caller: Caller) -> Tuple[int, Any]:
@@ -76,40 +75,45 @@ class MailboxRoutes:
         if not isinstance(code, str) or not CODE_RE.match(code):
             raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
         msg_a = _text_field(body, "msg_a")
-        await self.budgets.check(self.api.client_ip(request), caller.user_id, service_wide=False)
-        now = self.node.now_ms()
-        expires_at = now + int(self.node.settings.pairing_v2_ttl * 1000)
-        assert caller.user_id is not None and caller.device_id is not None
-        result = await self.node.storage.mailbox_create(
-            self.code_key(code), caller.user_id, caller.device_id, msg_a, now, expires_at)
-        if result != "ok":
-            if result == "taken_other":
-                await self._failed(request, caller)
-            metrics.PAIRING.labels(op="v2_create", result="conflict").inc()
-            raise ApiError(409, "CONFLICT", "Pairing code is already active")
+        slot = await self.budgets.reserve(self.api.client_ip(request), caller.user_id, service_wide=False)
+        try:
+            now = self.node.now_ms()
+            expires_at = now + int(self.node.settings.pairing_v2_ttl * 1000)
+            assert caller.user_id is not None and caller.device_id is not None
+            result = await self.node.storage.mailbox_create(
+                self.code_key(code), caller.user_id, caller.device_id, msg_a, now, expires_at)
+            if result != "ok":
+                if result == "taken_other":
+                    slot.keep()
+                metrics.PAIRING.labels(op="v2_create", result="conflict").inc()
+                raise ApiError(409, "CONFLICT", "Pairing code is already active")
+        finally:
+            slot.refund()
         self.budgets.forget_live_count()
         metrics.PAIRING.labels(op="v2_create", result="ok").inc()
         return 201, {"expires_at": expires_at}
 
     # 2. B joins
     async def join(self, request: Any, caller: Caller, code: str) -> Tuple[int, Any]:
-        ip = self.api.client_ip(request)
-        await self.budgets.check(ip, None)
-        if not CODE_RE.match(code):
-            await self._failed(request, None)
-            raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
-        msg_b = _text_field(body_object(request), "msg_b")
-        token = os.urandom(32).hex()
-        result = await self.node.storage.mailbox_join(
-            self.code_key(code), msg_b, hashlib.sha256(token.encode()).hexdigest(), self.node.now_ms())
-        if result[0] == "not_found":
-            await self._failed(request, None)
-            metrics.PAIRING.labels(op="v2_join", result="not_found").inc()
-            raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
-        if result[0] == "burned":
-            await self._failed(request, None)
-            metrics.PAIRING.labels(op="v2_join", result="burned").inc()
-            raise ApiError(410, "GONE", "Pairing code was used more than once and is burned")
+        slot = await self.budgets.reserve(self.api.client_ip(request), None)
+        try:
+            if not CODE_RE.match(code):
+                slot.keep()
+                raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
+            msg_b = _text_field(body_object(request), "msg_b")
+            token = os.urandom(32).hex()
+            result = await self.node.storage.mailbox_join(
+                self.code_key(code), msg_b, hashlib.sha256(token.encode()).hexdigest(), self.node.now_ms())
+            if result[0] == "not_found":
+                slot.keep()
+                metrics.PAIRING.labels(op="v2_join", result="not_found").inc()
+                raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
+            if result[0] == "burned":
+                slot.keep()
+                metrics.PAIRING.labels(op="v2_join", result="burned").inc()
+                raise ApiError(410, "GONE", "Pairing code was used more than once and is burned")
+        finally:
+            slot.refund()
         metrics.PAIRING.labels(op="v2_join", result="ok").inc()
         return 200, {"msg_a": result[1], "b_token": token}
 
@@ -133,21 +137,29 @@ class MailboxRoutes:
 
     # 5. B fetches it
     async def fetch(self, request: Any, caller: Caller, code: str) -> Tuple[int, Any]:
-        ip = self.api.client_ip(request)
-        await self.budgets.check(ip, None)
-        token = query_arg(request, "token") or ""
-        if not CODE_RE.match(code) or not TOKEN_RE.match(token):
-            await self._failed(request, None)
-            raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
-        key = self.code_key(code)
-        token_hash = hashlib.sha256(token.encode()).hexdigest()
+        slot = await self.budgets.reserve(self.api.client_ip(request), None)
+        try:
+            token = query_arg(request, "token") or ""
+            if not CODE_RE.match(code) or not TOKEN_RE.match(token):
+                slot.keep()
+                raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
+            key = self.code_key(code)
+            token_hash = hashlib.sha256(token.encode()).hexdigest()
 
-        def token_ok(stored: str) -> bool:
-            return hmac.compare_digest(stored, token_hash)
+            def token_ok(stored: str) -> bool:
+                return hmac.compare_digest(stored, token_hash)
 
-        result = await self._poll(request, lambda: self.node.storage.mailbox_fetch(key, token_ok, self.node.now_ms()))
-        if result[0] in ("not_found", "burned"):
-            await self._failed(request, None)
+            def check() -> Any:
+                return self.node.storage.mailbox_fetch(key, token_ok, self.node.now_ms())
+
+            # The first check decides whether this was a failed guess; a caller
+            # with the right code and token then waits without holding a slot.
+            result = await check()
+            if result[0] in ("not_found", "burned"):
+                slot.keep()
+        finally:
+            slot.refund()
+        result = await self._poll(request, check, result)
         if result[0] == "ok":
             self.budgets.forget_live_count()
             metrics.PAIRING.labels(op="v2_fetch", result="ok").inc()
