@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from .. import crypto, metrics
+from ..storage.q_replay import StorageReplayCache
 from ..wire import HEX64_RE, is_uuid
 from .http import ApiError
 
@@ -66,7 +67,9 @@ class Authenticator:
 
     def __init__(self, node: Any) -> None:
         self.node = node
-        self.replay = node.limits  # the replay cache: shared by all nodes in a cluster
+        # The replay cache: in Redis when there is one (shared by all nodes of a
+        # cluster), else in storage, so that a restart does not forget it.
+        self.replay = node.limits if node.settings.redis else StorageReplayCache(node.storage)
 
     async def authenticate(self, request: Any, mode: str) -> Caller:
         """The caller, or ApiError 401/403/404 by API.md §1."""

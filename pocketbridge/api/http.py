@@ -2,6 +2,11 @@
 The REST plumbing shared by every route (API.md §2): JSON errors, request ids,
 security headers, CORS, the per-IP request budget, body limits, and the
 ``Api.route`` decorator that puts a handler behind all of that.
+
+Every answer of the Klein app goes through ``Api._guard``: the routes, the
+router's own refusals (unknown path, wrong method; the router never
+redirects) and URLs Klein cannot decode. Request log lines carry the path with
+pairing codes masked and every query value masked but a few harmless ones.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import orjson
-from twisted.internet.defer import Deferred
+from klein.resource import KleinResource
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from twisted.web.server import NOT_DONE_YET, Request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .. import metrics, wire
 from ..storage import StorageUnavailable
@@ -26,7 +32,11 @@ MAX_BODY = 64 * 1024
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 CORS_METHODS = b"GET, POST, PUT, DELETE"
 CORS_HEADERS = b"Authorization, Content-Type, X-User-ID, X-Device-ID, X-Request-ID"
-PAIRING_PATH_RE = re.compile(r"^(/api(?:/v1)?/pairing/(?:lookup|v2))/[^/?]+")
+PAIRING_PATH_RE = re.compile(r"^(/+api(?:/+v1)?/+pairing/+(?:lookup|v2))/+[^/?]+", re.IGNORECASE)
+CODE_LIKE_RE = re.compile(r"(?<![0-9A-Za-z])[0-9]{6}(?![0-9A-Za-z])")
+# Query parameters whose values may appear in logs: small integers and flags, never secrets.
+LOGGABLE_QUERY = frozenset({"wait", "limit", "after_seq", "include_revoked"})
+LOGGABLE_VALUE_RE = re.compile(r"^[0-9A-Za-z]{0,18}\Z")
 
 
 class Raw:
@@ -51,8 +61,31 @@ class ApiError(Exception):
 
 
 def redact_path(path: str) -> str:
-    """The request path with pairing codes replaced by ``******`` (for logs)."""
-    return PAIRING_PATH_RE.sub(r"\1/******", path)
+    """The request path with pairing codes (and anything shaped like one) replaced by ``******`` (for logs)."""
+    return CODE_LIKE_RE.sub("******", PAIRING_PATH_RE.sub(r"\1/******", path))
+
+
+def redact_target(target: str) -> str:
+    """
+    A request target as logs may show it: ``redact_path`` of the path, and
+    in the query string every value (and every name) masked as ``***``
+    except the values of ``LOGGABLE_QUERY`` (secrets such as the v2
+    ``token`` never reach a log line).
+    """
+    path, sep, query = target.partition("?")
+    out = redact_path(path)
+    if not sep:
+        return out
+    parts = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        if name not in LOGGABLE_QUERY:
+            parts.append("***")
+        elif eq and not LOGGABLE_VALUE_RE.match(value):
+            parts.append(name + "=***")
+        else:
+            parts.append(item)
+    return out + "?" + "&".join(parts)
 
 
 class LimitedRequest(Request):
@@ -121,8 +154,16 @@ class Api:
         self.auth = auth
         s = node.settings
         self.cors_origins = tuple(o.strip() for o in (s.cors_origin or "").split(",") if o.strip())
+        # The router never answers by itself: no redirects (a "//" or a trailing
+        # slash is a 404 like any unknown path), every refusal through _guard.
+        app.url_map.strict_slashes = True  # only redirects for rules that end in "/": there are none
+        app.url_map.merge_slashes = False
+        app.url_map.redirect_defaults = False
         app.handle_errors(NotFound)(self._not_found)
         app.handle_errors(MethodNotAllowed)(self._not_allowed)
+        app.handle_errors(HTTPException)(self._not_found)  # a redirect or anything else the router raises
+        # URLs Klein cannot decode (non-UTF-8 path or Host) are refused before its routing.
+        app.resource = lambda: ApiResource(app, self)
 
     # ---------------------------------------------------------------- helpers
 
@@ -195,23 +236,26 @@ class Api:
             request.setHeader(b"Access-Control-Max-Age", b"600")
         return self.respond(request, 204, None, "(preflight)")
 
-    def _not_found(self, request: Any, failure: Any) -> bytes:
-        self.common_headers(request)
-        pre = self._preflight(request)
-        if pre is not None:
-            return pre
-        return self.error(request, ApiError(404, "NOT_FOUND", "Not found"), "(unknown)")
+    def _not_found(self, request: Any, failure: Any) -> Any:
+        return self.refuse(request, ApiError(404, "NOT_FOUND", "Not found"), "(unknown)")
 
-    def _not_allowed(self, request: Any, failure: Any) -> bytes:
-        self.common_headers(request)
-        pre = self._preflight(request)
-        if pre is not None:
-            return pre
+    def _not_allowed(self, request: Any, failure: Any) -> Any:
         allowed = sorted(set(getattr(failure.value, "valid_methods", None) or []) - {"HEAD", "OPTIONS"})
-        return self.error(
+        return self.refuse(
             request, ApiError(405, "METHOD_NOT_ALLOWED", "Method not allowed", headers={"Allow": ", ".join(allowed)}),
             "(method)",
         )
+
+    def refuse(self, request: Any, error: ApiError, route: str) -> Any:
+        """Answer ``error`` through the wrapper (a CORS preflight gets its 204 instead)."""
+        if request.method == b"OPTIONS":
+            self.common_headers(request)
+            return self._preflight(request)
+
+        async def fail() -> Tuple[int, Any]:
+            raise error
+
+        return Deferred.fromCoroutine(self._guard(request, route, True, fail))
 
     # ---------------------------------------------------------------- routes
 
@@ -233,7 +277,11 @@ class Api:
 
         def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             def handler(request: Any, **kwargs: Any) -> "Deferred[bytes]":
-                return Deferred.fromCoroutine(self._run(request, fn, auth, route_name, rate_limited, kwargs))
+                async def work() -> Tuple[int, Any]:
+                    caller = await self.auth.authenticate(request, auth)
+                    return await fn(request, caller, **kwargs)  # type: ignore[no-any-return]
+
+                return Deferred.fromCoroutine(self._guard(request, route_name, rate_limited, work))
 
             for i, p in enumerate(paths):
                 self.app.route(p, methods=methods, endpoint="{}#{}#{}".format(route_name, ",".join(methods), i))(handler)
@@ -241,8 +289,13 @@ class Api:
 
         return register
 
-    async def _run(self, request: Any, fn: Callable[..., Awaitable[Any]], auth: str, route: str,
-                   rate_limited: bool, kwargs: Dict[str, Any]) -> bytes:
+    async def _guard(self, request: Any, route: str, rate_limited: bool,
+                     work: Callable[[], Awaitable[Tuple[int, Any]]]) -> bytes:
+        """
+        Common headers, the per-IP budget, then ``work()``; its answer, or the
+        JSON error. A request whose client went away (Klein cancels it) ends
+        here quietly: not a storage failure, not a bug.
+        """
         self.common_headers(request)
         started = time.perf_counter()
         try:
@@ -253,19 +306,55 @@ class Api:
                     metrics.LIMIT_HITS.labels(limit="rest_per_ip").inc()
                     raise ApiError(429, "RATE_LIMITED", "Too many requests",
                                    headers={"Retry-After": str(max(1, int(wait + 0.999)))})
-            caller = await self.auth.authenticate(request, auth)
-            status, body = await fn(request, caller, **kwargs)
+            status, body = await work()
             return self.respond(request, status, body, route)
         except ApiError as e:
             return self.error(request, e, route)
         except StorageUnavailable:
             return self.error(request, ApiError(503, "UNAVAILABLE", "Storage unavailable", headers={"Retry-After": "5"}), route)
+        except CancelledError:
+            metrics.HTTP_REQUESTS.labels(route=route, status="499").inc()  # client closed the request
+            raise
         except Exception:
             log.failure("bug in {route} (request {rid})", route=route, rid=getattr(request, "request_id", "-"))
             return self.error(request, ApiError(500, "INTERNAL", "Internal error"), route)
         finally:
             log.debug("{method} {path} {ms:.1f} ms", method=request.method.decode("ascii", "replace"),
-                      path=redact_path(request.uri.decode("latin-1")), ms=(time.perf_counter() - started) * 1000)
+                      path=redact_target(request.uri.decode("latin-1")), ms=(time.perf_counter() - started) * 1000)
+
+
+class ApiResource(KleinResource):
+    """
+    Klein's resource, except that a URL it cannot decode (a path or Host that
+    is not UTF-8) is answered through the API wrapper instead of Klein's
+    plain-text 400 and its logged traceback.
+    """
+
+    def __init__(self, app: Any, api: Api) -> None:
+        super().__init__(app)
+        self.api = api
+
+    def render(self, request: Any) -> Any:
+        try:
+            request.getRequestHostname().decode("utf-8")
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            d = self.api.refuse(request, ApiError(400, "VALIDATION_ERROR", "URL is not valid UTF-8", field="path"),
+                                "(url)")
+            if isinstance(d, bytes):
+                return d
+            finished = []
+            request.notifyFinish().addBoth(finished.append)
+
+            def write(body: bytes) -> None:
+                if not finished:
+                    request.write(body)
+                    request.finish()
+
+            d.addCallback(write)
+            d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("answering a bad URL", f))
+            return NOT_DONE_YET
+        return super().render(request)
 
 
 def parse_body(request: Any, required: bool = True) -> Any:

@@ -9,12 +9,13 @@ touches only its cursor, and is safe to retry (STYLE.md §8).
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from ..events import NewEvent, StoredEvent
@@ -41,6 +42,30 @@ SET_CHUNK = 500
 
 class StorageUnavailable(Exception):
     """The database could not be reached or a transaction failed."""
+
+
+# SQLite primary result codes that mean the database, not the statement, is at
+# fault: BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL,
+# CANTOPEN, PROTOCOL, NOLFS, NOTADB. (SQLITE_ERROR, e.g. "no such table" or a
+# syntax error, and CONSTRAINT are bugs.)
+SQLITE_OUTAGE_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 22, 26})
+
+
+def is_outage(error: BaseException) -> bool:
+    """True for operational and connection errors of either driver (or adbapi's lost connection)."""
+    if isinstance(error, adbapi.ConnectionLost):
+        return True
+    if isinstance(error, sqlite3.DatabaseError):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return (int(code) & 0xFF) in SQLITE_OUTAGE_CODES
+        # Without a result code (older Python), trust the class: OperationalError and plain DatabaseError.
+        return type(error) in (sqlite3.OperationalError, sqlite3.DatabaseError)
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover - psycopg2 is installed with the package
+        return False
+    return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
 @dataclass(frozen=True)
@@ -151,7 +176,13 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         txn.executemany(self._sql(sql), rows)
 
     def run(self, description: str, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
-        """Run ``fn(txn, *args)`` in one transaction; failures become StorageUnavailable."""
+        """
+        Run ``fn(txn, *args)`` in one transaction. An operational or
+        connection error (``is_outage``) becomes StorageUnavailable; a
+        cancelled call (its client went away) fails with CancelledError,
+        unlogged; anything else is a bug: logged with its traceback and
+        passed on as it is.
+        """
         assert self.pool is not None, "storage not started"
 
         def interaction(txn: Any) -> T:
@@ -161,10 +192,13 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
         d = self.pool.runInteraction(interaction)
 
         def failed(f: Any) -> Any:
-            if f.check(StorageUnavailable, migrations.SchemaTooNew):
+            if f.check(StorageUnavailable, migrations.SchemaTooNew, CancelledError):
                 return f
-            log.warn("storage {description} failed: {error}", description=description, error=f.getErrorMessage())
-            raise StorageUnavailable(description)
+            if is_outage(f.value):
+                log.warn("storage {description} failed: {error}", description=description, error=f.getErrorMessage())
+                raise StorageUnavailable(description)
+            log.failure("storage {description}: bug", f, description=description)
+            return f
 
         d.addErrback(failed)
         return d
