@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -34,8 +35,6 @@ from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import authorization
 from tests.abuse import start_abuse_server
 from tests.harness import ServerProcess
-
-from twisted.internet import reactor
 
 EXAMPLES = settings(max_examples=100, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -16,7 +16,6 @@ import string
 import uuid
 from typing import Any, Dict
 
-import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
