@@ -24,18 +24,19 @@ seconds, and when storage is back.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import metrics
 from .events import NewEvent
-from .storage import Outcome, Storage
+from .storage import Outcome, Storage, StorageUnavailable
 
 log = Logger()
 
@@ -43,10 +44,24 @@ log = Logger()
 PUBLISHED = frozenset({"stored", "duplicate"})
 #: First wait after two commits in a row failed; doubles up to ``retry_max``.
 RETRY_INITIAL = 0.25
+#: Free bytes the embedded shape's probe write wants at least (and twice the last failed batch).
+PROBE_FREE_MIN = 1024 * 1024
 
 
-def probe_write(storage: Storage) -> "Deferred[Any]":
-    """A write transaction that changes nothing visible: proves storage can commit again."""
+def probe_write(storage: Storage, need_bytes: int = PROBE_FREE_MIN) -> "Deferred[Any]":
+    """
+    A write transaction that changes nothing visible: proves storage can commit again.
+
+    On SQLite a commit this small can succeed on a full disk (the WAL reuses
+    space it already holds) while real events still fail, so the embedded
+    shape first requires ``need_bytes`` free on the database's filesystem.
+    """
+    path = getattr(storage, "path", None)
+    if isinstance(path, str):
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes:
+            return fail(StorageUnavailable("probe_write: {} bytes free".format(free)))
 
     def txn(t: Any) -> None:
         storage._execute(t, "UPDATE schema_version SET applied_at = applied_at"
@@ -81,7 +96,8 @@ class EventWriter:
         self.delay = delay
         self.retry_max = retry_max
         self.log_interval = log_interval
-        self._probe = probe if probe is not None else (lambda: probe_write(storage))
+        self._probe = probe if probe is not None else (
+            lambda: probe_write(storage, max(PROBE_FREE_MIN, 2 * self._failed_bytes)))
         self._now_ms = now_ms or (lambda: int(clock.seconds() * 1000))
         self._pending: Deque[Tuple[NewEvent, "Deferred[Outcome]"]] = deque()
         self._solo = 0  # events to commit one per transaction after a failed batch
@@ -97,6 +113,7 @@ class EventWriter:
         self._next_reminder = 0.0
         self._backoff = 0.0
         self._probe_call: Any = None
+        self._failed_bytes = 0  # payload bytes of the last failed batch (the probe's size hint)
 
     @property
     def storage_ok(self) -> bool:
@@ -184,6 +201,7 @@ class EventWriter:
 
     def _failed(self, failure: Failure, batch: List[Tuple[NewEvent, "Deferred[Outcome]"]]) -> None:
         self._in_flight = False
+        self._failed_bytes = sum(ev.payload_size for ev, _ in batch)
         self._note_failure(failure, len(batch))
         if len(batch) > 1 and self.failures == 1:
             # A constraint backstop or an outage: commit the first event alone to tell.

@@ -265,6 +265,10 @@ class DiskFullTests(FaultCase):
             saw_503 = saw_503 or await self.health(server) == 503
         self.assertGreater(refused, 0, "uploads kept being acked on a full disk")
         self.assertTrue(saw_503, "/health kept answering 200 while every commit failed")
+        # Still full, no traffic: /health must not turn 200 (its probe writes must not fool it).
+        for _ in range(6):
+            await sleep(0.5)
+            self.assertEqual(await self.health(server), 503, "/health answered 200 on a full disk")
 
         server.free()
         freed = time.monotonic()
