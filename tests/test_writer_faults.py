@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed  # noqa: F401
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -193,3 +193,35 @@ class BackoffTests(loopback.LoopbackTestCase):
         self.clock.advance(10)
         self.server.flush()
         self.successResultOf(d)
+
+
+class _FailingPool:
+    """A connection pool whose every transaction fails as PostgreSQL does when it is stopped."""
+
+    def runInteraction(self, fn: Any, *args: Any) -> "Deferred[Any]":
+        import psycopg2
+
+        return fail(psycopg2.OperationalError("connection to server failed: Connection refused"))
+
+
+class StorageOutageLogTests(SynchronousTestCase):
+    """Storage.run during an outage."""
+
+    def test_outage_logs_once_per_kind_of_call(self) -> None:
+        """500 failing commits and 500 failing handshake reads give 2 warnings, not 1,000; each still fails StorageUnavailable."""
+        from pocketbridge.storage.base import Storage
+
+        captured: List[Dict[str, Any]] = []
+
+        def observe(event: Dict[str, Any]) -> None:
+            if event.get("log_namespace") == "pocketbridge.storage.base":
+                captured.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        storage = Storage()
+        storage.pool = _FailingPool()  # type: ignore[assignment]
+        for _ in range(500):
+            self.failureResultOf(storage.run("commit_batch", lambda txn: None), StorageUnavailable)
+            self.failureResultOf(storage.run("get_device", lambda txn: None), StorageUnavailable)
+        self.assertEqual(len(captured), 2)

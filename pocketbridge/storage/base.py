@@ -40,6 +40,10 @@ RELAY_OVERHEAD = 400
 SET_CHUNK = 500
 
 
+#: Seconds between two "storage … failed" warnings for one kind of call (one outage, few lines).
+OUTAGE_LOG_INTERVAL = 60.0
+
+
 class StorageUnavailable(Exception):
     """The database could not be reached or a transaction failed."""
 
@@ -156,8 +160,26 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
 
     def __init__(self) -> None:
         self.pool: Optional[adbapi.ConnectionPool] = None
+        # Outage log throttle per kind of call: when it last logged, failures not logged since.
+        self._outage_logged: Dict[str, float] = {}
+        self._outage_quiet: Dict[str, int] = {}
 
     # -------------------------------------------------------------- plumbing
+
+    def _log_outage(self, description: str, error: str) -> None:
+        """One warning per kind of call per ``OUTAGE_LOG_INTERVAL``, however many calls fail."""
+        now = time.monotonic()
+        last = self._outage_logged.get(description)
+        if last is not None and now - last < OUTAGE_LOG_INTERVAL:
+            self._outage_quiet[description] = self._outage_quiet.get(description, 0) + 1
+            return
+        self._outage_logged[description] = now
+        quiet = self._outage_quiet.pop(description, 0)
+        if quiet:
+            log.warn("storage {description} failed: {error} ({quiet} more failures since the last line)",
+                     description=description, error=error, quiet=quiet)
+        else:
+            log.warn("storage {description} failed: {error}", description=description, error=error)
 
     def _make_pool(self) -> adbapi.ConnectionPool:
         raise NotImplementedError
@@ -195,7 +217,7 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
             if f.check(StorageUnavailable, migrations.SchemaTooNew, CancelledError):
                 return f
             if is_outage(f.value):
-                log.warn("storage {description} failed: {error}", description=description, error=f.getErrorMessage())
+                self._log_outage(description, f.getErrorMessage())
                 raise StorageUnavailable(description)
             log.failure("storage {description}: bug", f, description=description)
             return f
