@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -255,7 +255,7 @@ class EventWriter:
         if self._in_flight or self._pending or not self.failures:
             return
         self._in_flight = True
-        d = self._probe()
+        d = maybeDeferred(self._probe)  # storage closed at shutdown: a failure, not an unhandled error
 
         def ok(_: Any) -> None:
             self._in_flight = False

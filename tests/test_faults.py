@@ -169,7 +169,8 @@ class PostgresRestartTests(FaultCase):
         self.addCleanup(pg.cleanup)
         pg.start()
         db = PostgresDatabase(pg.base_url)
-        server = await start_server(self, backend="postgresql", database_url=db.url, args=ARGS)
+        server = await start_server(self, backend="postgresql", database_url=db.url,
+                                    args=ARGS + ["--writer-retry-max", "1"])
         user = Identity.generate()
         receiver = await self.online(server.ws_url, user)
         sender = await self.online(server.ws_url, user)
