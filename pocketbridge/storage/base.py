@@ -160,21 +160,22 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
 
     def __init__(self) -> None:
         self.pool: Optional[adbapi.ConnectionPool] = None
-        # Outage log throttle per kind of call: when it last logged, failures not logged since.
-        self._outage_logged: Dict[str, float] = {}
-        self._outage_quiet: Dict[str, int] = {}
+        # Outage log throttle per kind of call and error class: when it last logged, failures not logged since.
+        self._outage_logged: Dict[Tuple[str, str], float] = {}
+        self._outage_quiet: Dict[Tuple[str, str], int] = {}
 
     # -------------------------------------------------------------- plumbing
 
-    def _log_outage(self, description: str, error: str) -> None:
-        """One warning per kind of call per ``OUTAGE_LOG_INTERVAL``, however many calls fail."""
+    def _log_outage(self, description: str, kind: str, error: str) -> None:
+        """One warning per kind of call and error class per ``OUTAGE_LOG_INTERVAL``, however many calls fail."""
+        key = (description, kind)
         now = time.monotonic()
-        last = self._outage_logged.get(description)
+        last = self._outage_logged.get(key)
         if last is not None and now - last < OUTAGE_LOG_INTERVAL:
-            self._outage_quiet[description] = self._outage_quiet.get(description, 0) + 1
+            self._outage_quiet[key] = self._outage_quiet.get(key, 0) + 1
             return
-        self._outage_logged[description] = now
-        quiet = self._outage_quiet.pop(description, 0)
+        self._outage_logged[key] = now
+        quiet = self._outage_quiet.pop(key, 0)
         if quiet:
             log.warn("storage {description} failed: {error} ({quiet} more failures since the last line)",
                      description=description, error=error, quiet=quiet)
@@ -217,7 +218,7 @@ class Storage(DevicesQueries, PairingQueries, PairingV2Queries, AccountQueries, 
             if f.check(StorageUnavailable, migrations.SchemaTooNew, CancelledError):
                 return f
             if is_outage(f.value):
-                self._log_outage(description, f.getErrorMessage())
+                self._log_outage(description, type(f.value).__name__, f.getErrorMessage())
                 raise StorageUnavailable(description)
             log.failure("storage {description}: bug", f, description=description)
             return f
