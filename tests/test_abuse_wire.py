@@ -20,6 +20,8 @@ Attacks (all loopback, bounded in time and count):
 - ``slowloris --source IP --count N``: N connections that send an upgrade
   request head one byte per second and never finish it.
 - ``slow-body``: a chunked POST whose body arrives one byte per second.
+- ``bad-auth --source IP --count N``: N v1 handshakes at once whose
+  client_auth is signed with the wrong key.
 """
 
 from __future__ import annotations
@@ -351,9 +353,63 @@ def slow_body(host: str, port: int, seconds: float) -> Dict[str, Any]:
     return {"closed_by_server_after_s": closed_after, "answer": answer[:200].decode("latin-1"), "seconds": seconds}
 
 
+def bad_auth(host: str, port: int, source: str, count: int) -> Dict[str, Any]:
+    """
+    ``count`` v1 connections from ``source`` opened at once, each sending a
+    client_auth whose signature is made with the wrong key once all have
+    their server_hello: how each one ended ("1008 Invalid client signature", "4029", ...).
+    """
+    from pocketbridge.client import Identity, V1Handshake
+    from pocketbridge.client.handshake import envelope_payload
+
+    outcomes: Dict[str, int] = {}
+
+    def count_as(what: str) -> None:
+        outcomes[what] = outcomes.get(what, 0) + 1
+
+    conns: List[Tuple[socket.socket, Reader, Any]] = []
+    for _ in range(count):
+        try:
+            sock, reader = upgrade(host, port, source)
+        except ConnectionError as e:
+            count_as(str(e)[:40])
+            continue
+        hs = V1Handshake(Identity.generate(), str(uuid.uuid4()))
+        sock.sendall(frame(0x1, json.dumps(hs.client_hello()).encode()))
+        conns.append((sock, reader, hs))
+    ready = []
+    for sock, reader, hs in conns:
+        try:
+            hello = json.loads(reader.next_data()[1])
+            auth = hs.on_server_hello(envelope_payload(hello, "server_hello"))
+            ready.append((sock, reader, auth))
+        except (ConnectionError, OSError) as e:
+            count_as(_close_label(e))
+            sock.close()
+    for sock, _, auth in ready:
+        auth["payload"]["client_signature"] = Identity.generate().sign_hex(b"\0" * 32)  # valid format, wrong key
+        sock.sendall(frame(0x1, json.dumps(auth).encode()))
+    for sock, reader, _ in ready:
+        try:
+            reader.next_data()
+            count_as("authenticated")
+        except (ConnectionError, OSError) as e:
+            count_as(_close_label(e))
+        sock.close()
+    return {"attempted": count, "outcomes": outcomes}
+
+
+def _close_label(e: BaseException) -> str:
+    """'close 4029' or 'close 1008 <reason>' from a Reader close, else the error's text."""
+    text = str(e)
+    if text.startswith("close 4029"):
+        return "close 4029"
+    return text[:60]
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("attack", choices=["ping-flood", "junk-acks", "slowloris", "slow-body"])
+    parser.add_argument("attack", choices=["ping-flood", "junk-acks", "slowloris", "slow-body", "bad-auth"])
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("--version", type=int, default=1)
@@ -373,6 +429,8 @@ def main(argv: List[str]) -> int:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, a.count + 64)), hard))
         result = slowloris(a.host, a.port, a.source, a.count, a.seconds)
+    elif a.attack == "bad-auth":
+        result = bad_auth(a.host, a.port, a.source, a.count)
     else:
         result = slow_body(a.host, a.port, a.seconds)
     print(json.dumps(result))
