@@ -122,6 +122,17 @@ class ConcurrentBudgets(_Base):
         self.assertEqual(self.admitted(wrong, (404,)), PER_IP)
 
 
+    async def test_rest_budget_under_concurrency(self) -> None:
+        """300 concurrent requests from one IP with 60 requests/minute: at most 60 plus the refill of the elapsed time get through; the rest are 429 with Retry-After."""
+        server = await start_server(self, redis=self.redis, args=["--trusted-proxies", "127.0.0.1",
+                                                                  "--rest-requests-per-minute", "60"])
+        started = reactor.seconds()
+        responses = await self.burst(server, [("GET", "/api/devices", "203.0.113.77", None) for _ in range(BURST)])
+        elapsed = reactor.seconds() - started
+        through = self.admitted(responses, (401,))
+        self.assertTrue(1 <= through <= 60 + int(elapsed) + 1, (through, elapsed))
+
+
 class ConcurrentBudgetsSQLite(ConcurrentBudgets, SQLiteMixin, TestCase):
     """Budgets in memory, storage in SQLite."""
 

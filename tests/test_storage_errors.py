@@ -185,3 +185,23 @@ class AbandonedRequestTests(SynchronousTestCase):
         self.assertEqual({s: count(s) - before[s] for s in before}, {"499": 1, "500": 0, "503": 0})
         self.assertEqual([e for e in events if e["log_level"] > LogLevel.debug], [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_cancel_inside_the_server_is_a_bug(self) -> None:
+        """A CancelledError while the client is still there is answered 500 JSON and logged as a bug."""
+        from klein import Klein
+
+        events: List[Dict[str, Any]] = []
+        self.patch(api_http, "log", Logger(observer=events.append))
+
+        async def cancels(request: Any, caller: Any) -> Any:
+            raise CancelledError()
+
+        app = Klein()
+        Api(app, _Node(), _NoAuth()).route("/api/cancels", ["GET"], auth="none")(cancels)
+        channel = Site(app.resource(), requestFactory=LimitedRequest).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/cancels HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 500 "), transport.value()[:80])
+        self.assertIn(b'"code":"INTERNAL"', transport.value())
+        self.assertEqual([e["log_level"] for e in events if e["log_level"] > LogLevel.debug], [LogLevel.critical])

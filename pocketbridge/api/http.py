@@ -298,6 +298,8 @@ class Api:
         """
         self.common_headers(request)
         started = time.perf_counter()
+        gone: List[Any] = []  # the connection was lost before the answer
+        request.notifyFinish().addErrback(gone.append)
         try:
             if rate_limited:
                 per_min = self.node.settings.rest_requests_per_minute
@@ -313,7 +315,11 @@ class Api:
         except StorageUnavailable:
             return self.error(request, ApiError(503, "UNAVAILABLE", "Storage unavailable", headers={"Retry-After": "5"}), route)
         except CancelledError:
-            metrics.HTTP_REQUESTS.labels(route=route, status="499").inc()  # client closed the request
+            if not gone:
+                log.failure("bug in {route} (request {rid}): cancelled", route=route,
+                            rid=getattr(request, "request_id", "-"))
+                return self.error(request, ApiError(500, "INTERNAL", "Internal error"), route)
+            metrics.HTTP_REQUESTS.labels(route=route, status="499").inc()  # the client closed the request
             raise
         except Exception:
             log.failure("bug in {route} (request {rid})", route=route, rid=getattr(request, "request_id", "-"))
