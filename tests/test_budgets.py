@@ -25,8 +25,8 @@ from pocketbridge.api.limits import LimitsFailureCounters, PairingBudgets
 from pocketbridge.client import Client, DeviceKeys
 from pocketbridge.client.pairing import Pake
 from pocketbridge.client.rest import RestClient, RestResponse
-from pocketbridge.limits import LocalLimits
-from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
+from pocketbridge.limits import LocalLimits, RedisLimits
+from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, redis_url, require_redis, start_server
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -221,3 +221,82 @@ class ReservationTests(SynchronousTestCase):
         self.reserve(budgets, "ip2", "u")
         self.assertIsInstance(self.reserve(budgets, "ip3", "u"), ApiError)
         self.assertNotIsInstance(self.reserve(budgets, "ip3", None), ApiError)
+
+
+class _Bus:
+    """What RedisLimits needs of the bus: its publisher connection (None while Redis is down)."""
+
+    def __init__(self, pub: Any) -> None:
+        self.pub = pub
+
+
+class RedisReservationTests(TestCase):
+    """RedisLimits' reservation scripts and bucket refund against the test Redis."""
+
+    async def limits(self) -> RedisLimits:
+        """RedisLimits on a fresh connection and a key prefix of its own."""
+        import txredisapi
+        from urllib.parse import urlparse
+
+        require_redis(self)
+        u = urlparse(redis_url())
+        conn = await txredisapi.Connection(u.hostname or "127.0.0.1", u.port or 6379, reconnect=False)
+        self.addCleanup(conn.disconnect)
+        return RedisLimits(_Bus(conn), "pbtest:{}:".format(os.urandom(6).hex()), reactor.seconds)
+
+    async def test_concurrent_reservations_are_exact(self) -> None:
+        """20 reservations sent at once on two budgets (5 and 3 slots) grant exactly 3; a release frees one slot on both."""
+        limits = await self.limits()
+        budgets = [("ip:a", 5), ("global", 3)]
+        results = await gatherResults([limits.reserve("t", budgets, 60) for _ in range(20)])
+        granted = [r for r in results if r[0] is not None]
+        self.assertEqual(len(granted), 3)
+        self.assertTrue(all(r[1] >= 1 and r[2] == ["global"] for r in results if r[0] is None))
+        await limits.release("t", granted[0][0])
+        self.assertEqual(await limits.budget_count("t", "ip:a", 60), (2, 60))
+        again = await limits.reserve("t", budgets, 60)
+        self.assertIsNotNone(again[0])
+        self.assertIsNone((await limits.reserve("t", budgets, 60))[0])
+
+    async def test_release_after_the_window_closed_credits_nothing(self) -> None:
+        """A ticket from a window that has closed gives nothing back to the next window."""
+        limits = await self.limits()
+        old, _, _ = await limits.reserve("t", [("ip:a", 1)], 60)
+        await limits._conn().delete(limits._budget_key("t", "ip:a"))  # the window closes
+        new, _, _ = await limits.reserve("t", [("ip:a", 1)], 60)
+        self.assertIsNotNone(new)
+        await limits.release("t", old)
+        self.assertEqual((await limits.budget_count("t", "ip:a", 60))[0], 1)
+
+    async def test_bucket_refund_and_local_fallback(self) -> None:
+        """A refunded token can be taken again; with Redis gone a reservation falls back to local state and releases there."""
+        limits = await self.limits()
+        for _ in range(3):
+            self.assertEqual(await limits.take("hs", "a", 0.001, 3), 0.0)
+        self.assertGreater(await limits.take("hs", "a", 0.001, 3), 0.0)
+        await limits.refund("hs", "a", 0.001, 3)
+        self.assertEqual(await limits.take("hs", "a", 0.001, 3), 0.0)
+        limits.bus.pub = None
+        ticket, _, _ = await limits.reserve("t", [("ip:b", 1)], 60)
+        self.assertEqual(ticket[0], "local")
+        self.assertIsNone((await limits.reserve("t", [("ip:b", 1)], 60))[0])
+        await limits.release("t", ticket)
+        self.assertIsNotNone((await limits.reserve("t", [("ip:b", 1)], 60))[0])
+
+
+class LocalRefundTests(SynchronousTestCase):
+    """LocalLimits.refund for token buckets."""
+
+    def test_refund_gives_a_token_back_never_above_burst(self) -> None:
+        """After a refund one more take succeeds; refunds never lift a bucket above its burst."""
+        clock = Clock()
+        limits = LocalLimits(clock.seconds)
+        for _ in range(2):
+            self.assertEqual(self.successResultOf(limits.take("hs", "a", 0.001, 2)), 0.0)
+        self.assertGreater(self.successResultOf(limits.take("hs", "a", 0.001, 2)), 0.0)
+        limits.refund("hs", "a", 0.001, 2)
+        self.assertEqual(self.successResultOf(limits.take("hs", "a", 0.001, 2)), 0.0)
+        for _ in range(5):
+            limits.refund("hs", "a", 0.001, 2)
+        taken = [self.successResultOf(limits.take("hs", "a", 0.001, 2)) for _ in range(3)]
+        self.assertEqual([t == 0.0 for t in taken], [True, True, False])
