@@ -1,19 +1,22 @@
 """
-Abuse: the failed-pairing-lookup budgets under concurrency (issue 9, item 4;
-API.md §2) against a real ``twistd`` on SQLite and PostgreSQL.
+Abuse: REST budgets under concurrency (issue 9, item 4 and "What to build"
+C; API.md §2) against a real ``twistd`` on SQLite and PostgreSQL.
 
 500 concurrent lookups of unknown codes arrive at once. A budget that is
 checked, then storage awaited, then the failure counted lets most of them
 through; a budget reserved before the await admits exactly its size. Every
 answer is then either the failure itself (404) or 429 ``RATE_LIMITED``.
+The per-IP request budget is held exactly the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -55,15 +58,16 @@ async def _request(agent: Agent, method: bytes, url: str, body: Optional[bytes])
 
 
 async def concurrently(base: str, method: bytes, paths: Sequence[str], sources: Sequence[str],
-                       body: Optional[bytes] = None) -> Counter:
-    """Send every request at once, round-robin over ``sources``; how many answers of each status."""
+                       body: Optional[bytes] = None) -> Tuple[Counter, float]:
+    """Send every request at once, round-robin over ``sources``: how many answers of each status, and the seconds it took."""
+    started = time.monotonic()
     agents = [Agent.usingEndpointFactory(reactor, _FromSource(s), pool=HTTPConnectionPool(reactor, persistent=False))
               for s in sources]
     results: List[Any] = await gatherResults(
         [Deferred.fromCoroutine(_request(agents[i % len(agents)], method, base + p, body))
          for i, p in enumerate(paths)],
         consumeErrors=True)
-    return Counter(results)
+    return Counter(results), time.monotonic() - started
 
 
 def unknown_codes(n: int) -> List[str]:
@@ -77,26 +81,47 @@ def unknown_codes(n: int) -> List[str]:
 class PairingBudgets(_Base):
     """Failed-lookup budgets hold exactly under 500 concurrent requests; mixed with a backend below."""
 
+    def assertSpent(self, counts: Counter, ok: int, budget: int, per_second: float, elapsed: float, total: int) -> None:
+        """
+        Exactly ``budget`` answers were ``ok`` (plus what the bucket refilled
+        at ``per_second`` while the requests ran), all others 429.
+        """
+        refill = math.floor(per_second * elapsed)
+        self.assertEqual(set(counts), {ok, 429}, counts)
+        self.assertEqual(sum(counts.values()), total)
+        self.assertGreaterEqual(counts[ok], budget, counts)
+        self.assertLessEqual(counts[ok], budget + refill,
+                             "{} answers {} in {:.1f} s; the budget is {} (+{} refilled)".format(
+                                 counts[ok], ok, elapsed, budget, refill))
+
     async def test_v1_lookup_per_ip_budget_is_exact(self) -> None:
-        """500 concurrent failed v1 lookups from one IP: exactly the per-IP budget (50) answer 404, the rest 429."""
+        """500 concurrent failed v1 lookups from one IP: exactly the per-IP budget (50, plus any refill meanwhile) answer 404, the rest 429."""
         server = await start_abuse_server(self, ["--rest-requests-per-minute", "100000",
                                                  "--pairing-failures-per-ip", "50",
                                                  "--pairing-failures-global", "100000"])
         paths = ["/api/pairing/lookup/" + c for c in unknown_codes(CONCURRENT)]
-        counts = await concurrently(server.http_url, b"GET", paths, ["127.0.0.5"])
-        print("v1 lookups, per-IP budget 50: {}".format(json.dumps(counts)))
-        self.assertEqual(counts, Counter({404: 50, 429: CONCURRENT - 50}))
+        counts, elapsed = await concurrently(server.http_url, b"GET", paths, ["127.0.0.5"])
+        print("v1 lookups, per-IP budget 50: {} in {:.1f} s".format(json.dumps(counts), elapsed))
+        self.assertSpent(counts, 404, 50, 50 / 600.0, elapsed, CONCURRENT)
 
     async def test_v2_join_global_budget_is_exact(self) -> None:
-        """500 concurrent failed v2 joins from 10 IPs: exactly the service-wide budget (100) answer 404, the rest 429."""
+        """500 concurrent failed v2 joins from 10 IPs: exactly the service-wide budget (100, plus any refill meanwhile) answer 404, the rest 429."""
         server = await start_abuse_server(self, ["--rest-requests-per-minute", "100000",
                                                  "--pairing-failures-per-ip", "100000",
                                                  "--pairing-failures-global", "100"])
         paths = ["/api/pairing/v2/{}/join".format(c) for c in unknown_codes(CONCURRENT)]
         sources = ["127.0.0.{}".format(10 + i) for i in range(10)]
-        counts = await concurrently(server.http_url, b"POST", paths, sources, body=b'{"msg_b":"AAAA"}')
-        print("v2 joins, global budget 100: {}".format(json.dumps(counts)))
-        self.assertEqual(counts, Counter({404: 100, 429: CONCURRENT - 100}))
+        counts, elapsed = await concurrently(server.http_url, b"POST", paths, sources, body=b'{"msg_b":"AAAA"}')
+        print("v2 joins, global budget 100: {} in {:.1f} s".format(json.dumps(counts), elapsed))
+        self.assertSpent(counts, 404, 100, 100 / 600.0, elapsed, CONCURRENT)
+
+
+    async def test_rest_request_budget_is_exact(self) -> None:
+        """300 concurrent requests from one IP with a budget of 100 per minute: 100 are served (401 here; plus any token refilled meanwhile), the rest get 429."""
+        server = await start_abuse_server(self, ["--rest-requests-per-minute", "100"])
+        counts, elapsed = await concurrently(server.http_url, b"GET", ["/api/devices"] * 300, ["127.0.0.8"])
+        print("REST requests, budget 100/min: {} in {:.1f} s".format(json.dumps(counts), elapsed))
+        self.assertSpent(counts, 401, 100, 100 / 60.0, elapsed, 300)
 
 
 class PairingBudgetsSQLite(PairingBudgets, SQLiteMixin, TestCase):

@@ -363,6 +363,7 @@ def bad_auth(host: str, port: int, source: str, count: int) -> Dict[str, Any]:
     from pocketbridge.client.handshake import envelope_payload
 
     outcomes: Dict[str, int] = {}
+    started = time.monotonic()
 
     def count_as(what: str) -> None:
         outcomes[what] = outcomes.get(what, 0) + 1
@@ -396,7 +397,7 @@ def bad_auth(host: str, port: int, source: str, count: int) -> Dict[str, Any]:
         except (ConnectionError, OSError) as e:
             count_as(_close_label(e))
         sock.close()
-    return {"attempted": count, "outcomes": outcomes}
+    return {"attempted": count, "outcomes": outcomes, "seconds": time.monotonic() - started}
 
 
 def _close_label(e: BaseException) -> str:
