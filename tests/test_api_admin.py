@@ -59,6 +59,11 @@ class _FakeSession:
     def close_for(self, code: int, reason: str, notice: Optional[bytes]) -> None:
         self.proto.close(code, reason)
 
+    def close_after_acks(self, code: int, reason: str) -> None:
+        # Nothing is awaiting a commit here, so the close goes out at once
+        # (Session.close_after_acks does the same with no outcomes pending).
+        self.proto.close(code, reason)
+
 
 class _FakeProto:
     """A socket whose close completes ``close_delay`` s after the close frame (never, with ``stuck``)."""
