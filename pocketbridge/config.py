@@ -181,6 +181,7 @@ SETTINGS: List[Setting] = [
     Setting("outbound_resume_bytes", positive_int, 1 * MIB, "PB_OUTBOUND_RESUME_BYTES", "Outbound buffer size below which paused delivery resumes"),
     Setting("outbound_max_bytes", positive_int, 24 * MIB, "PB_OUTBOUND_MAX_BYTES", "Unsent bytes held for an authenticated socket before it is closed 4008 at once"),
     Setting("preauth_outbound_bytes", positive_int, 64 * KIB, "PB_PREAUTH_OUTBOUND_BYTES", "Unsent bytes held for a connection before authentication; past it the connection is dropped"),
+    Setting("preauth_close_grace", positive_float, 1.0, "PB_PREAUTH_CLOSE_GRACE", "Seconds a connection closed before authentication may take to answer the close before TCP is dropped"),
     Setting("v1_unacked_tracked", positive_int, 10000, "PB_V1_UNACKED_TRACKED", "Unacknowledged events tracked per v1 socket"),
     Setting("v2_window_events", positive_int, 256, "PB_V2_WINDOW_EVENTS", "v2 unacknowledged deliveries per socket"),
     Setting("v2_window_bytes", positive_int, 4 * MIB, "PB_V2_WINDOW_BYTES", "v2 unacknowledged payload bytes per socket"),

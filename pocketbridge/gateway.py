@@ -175,6 +175,11 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         self._apply_hold()
         if code == 1008 and reason == "Heartbeat timeout":
             self.timers.append(self.node.clock.callLater(5, self._drop))
+        elif not self.established:
+            # Before authentication the peer has shown nothing worth waiting
+            # for: an honest client answers the close at once, a flooder would
+            # keep Autobahn parsing its frames until the close-handshake timeout.
+            self.timers.append(self.node.clock.callLater(self.node.settings.preauth_close_grace, self._drop))
 
     def _drop(self) -> None:
         if not self.gone and not self.dropped and self.transport is not None:
@@ -311,12 +316,16 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         if self.paused_since is not None:
             self.paused_since = self.last_pong
 
+    def _ended(self) -> bool:
+        """True once the connection is closing or gone (a handshake step that awaited must stop)."""
+        return self.gone or self.state != self.STATE_OPEN
+
     async def _authenticate(self, auth: AuthRequest) -> None:
         node = self.node
         s = node.settings
         storage = node.storage
         device = await storage.get_device(auth.user_id, auth.device_id)
-        if self.gone:
+        if self._ended():
             return
         if device is not None and device.revoked_at is not None:
             self._handshake_failed(4003, "Device revoked", "revoked")
@@ -327,7 +336,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         except Exception as e:  # presence store down: admit (limits are best effort)
             log.warn("presence unavailable, socket limits not checked: {error}", error=str(e))
             device_sockets = user_sockets = 0
-        if self.gone:
+        if self._ended():
             return
         if device_sockets >= s.sockets_per_device:
             metrics.LIMIT_HITS.labels(limit="sockets_per_device").inc()
@@ -360,11 +369,11 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         self.hold_auth = False
         self._apply_hold()
         await subscribed
-        if self.gone:
+        if self._ended():
             return
         device, created, head, purged_below = await storage.register_and_read_head(
             auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
-        if self.gone:
+        if self._ended():
             return
         if device.revoked_at is not None:  # revoked between the two reads
             self._handshake_failed(4003, "Device revoked", "revoked")
@@ -376,7 +385,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         except Exception as e:
             log.warn("presence unavailable: {error}", error=str(e))
             online = False
-        if self.gone:
+        if self._ended():
             return
         node.hub.known_head(auth.user_id, head)
         age = s.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))

@@ -118,6 +118,18 @@ class OutboundCeilingTests(SynchronousTestCase):
         self.assertEqual(close_code(frames), 1008)
         self.assertLessEqual(pongs(frames), 8)
 
+    def test_preauth_close_drops_tcp_after_the_grace(self) -> None:
+        """A peer that never answers a close sent before authentication loses its TCP connection after preauth_close_grace, not Autobahn's 5 s."""
+        node = make_node(self.clock, preauth_close_grace=1.0)
+        proto, tcp = connect(node, self.clock)
+        proto.dataReceived(client_frame(9, b"p") * 20)
+        self.assertEqual(close_code(server_frames(tcp.written())), 1008)
+        self.clock.advance(0.9)
+        self.assertFalse(tcp.aborted)
+        proto.dataReceived(client_frame(9, b"p") * 20)  # the flood goes on, unanswered
+        self.clock.advance(0.2)
+        self.assertTrue(tcp.aborted)
+
 
 class PingLimitTests(SynchronousTestCase):
     """WebSocket pings and pongs are client frames under frames_per_socket (§12)."""
