@@ -23,7 +23,6 @@ proxy (docs/operations.md).
 
 from __future__ import annotations
 
-import ipaddress
 import resource as _resource
 from typing import Any, Dict, Optional, Tuple, cast
 
@@ -81,22 +80,11 @@ def connection_budget(fd_soft_limit: int, fd_reserve: int, db_pool_size: int, ma
 
 
 def ip_key(addr: Optional[IAddress]) -> str:
-    """
-    The per-IP key of a peer address at accept: its host, IPv6 by /64 (as
-    the gateway keys it); an IPv4-mapped IPv6 peer (a dual-stack listener)
-    is keyed by its IPv4 address, not by the one /64 all of them share.
-    """
+    """The per-IP key of a peer address at accept: ``client_ip`` of its host (IPv6 by /64)."""
     host = getattr(addr, "host", None)
     if not isinstance(host, str):
         return "local"  # UNIX sockets and the like: one key
-    if ":" in host:
-        try:
-            mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
-        except ValueError:
-            mapped = None
-        if mapped is not None:
-            return str(mapped)
-    return client_ip(host, None, ())
+    return client_ip(host.split("%", 1)[0], None, ())
 
 
 class Admission:

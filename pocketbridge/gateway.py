@@ -28,7 +28,11 @@ log = Logger()
 
 
 def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
-    """The client's address (PROTOCOL.md §12): the peer unless it is a trusted proxy; IPv6 by /64."""
+    """
+    The client's address (PROTOCOL.md §12): the peer unless it is a trusted
+    proxy; IPv6 by /64, except an IPv4-mapped address (a dual-stack
+    listener), which is its IPv4 address (all of them share one /64).
+    """
     ip = peer_host
     if forwarded_for and peer_host in trusted:
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
@@ -40,8 +44,10 @@ def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, 
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if addr.version == 6:
-        return str(ipaddress.ip_network(ip + "/64", strict=False))
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(str(addr) + "/64", strict=False))
     return ip
 
 

@@ -338,3 +338,15 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(_with_backlog("systemd:domain=INET:index=0", 1024), "systemd:domain=INET:index=0")
         self.assertTrue(_refuse_with_none("tcp:3001"))
         self.assertFalse(_refuse_with_none("ssl:443:privateKey=k.pem"))
+
+
+class ClientKeyTests(SynchronousTestCase):
+    """Every per-IP limit keys a client the same way (PROTOCOL.md §12)."""
+
+    def test_ipv4_mapped_peer_is_its_ipv4_address_everywhere(self) -> None:
+        """A dual-stack listener's IPv4 clients get their own key in the upgrade and REST limits too, not one shared /64."""
+        from pocketbridge.gateway import client_ip
+
+        self.assertEqual(client_ip("::ffff:192.0.2.7", None, ()), "192.0.2.7")
+        self.assertNotEqual(client_ip("::ffff:192.0.2.7", None, ()), client_ip("::ffff:192.0.2.8", None, ()))
+        self.assertEqual(client_ip("2001:db8::1", None, ()), client_ip("2001:db8::2", None, ()))
