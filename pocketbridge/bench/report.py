@@ -132,10 +132,10 @@ def notes(pg: Optional[Dict[str, Any]], storage: str) -> List[str]:
     found = []
     if storage == "postgresql" and _get(pg, "autovacuum") == "off":
         found.append(
-            "PostgreSQL runs with autovacuum off: the server's tables are never ANALYZEd, and with no statistics "
-            "the catch-up page query (and the writer's duplicate checks) scan the whole rest of the user's events "
-            "instead of one page; run ANALYZE on the server's database, or turn autovacuum on, to see the "
-            "difference (docs/benchmarks.md)")
+            "PostgreSQL runs with autovacuum off: the server's tables are never ANALYZEd. The event path's "
+            "plans use the indexes either way (tests/test_query_plans.py checks both states), but production "
+            "runs with statistics; run ANALYZE on the server's database, or turn autovacuum on, to measure "
+            "that state (docs/benchmarks.md)")
     if _get(pg, "fsync") == "off":
         found.append("PostgreSQL runs with fsync off: commit numbers are not durable-commit numbers")
     return found
