@@ -169,7 +169,7 @@ class AbandonedRequestTests(SynchronousTestCase):
         app = Klein()
         api = Api(app, _Node(), _NoAuth())
         api.route("/api/slow", ["GET"], auth="none")(waits_on_storage)
-        site = Site(app.resource(), requestFactory=LimitedRequest)
+        site = Site(app.resource(), requestFactory=LimitedRequest, reactor=Clock())  # no timer in the global reactor
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -198,7 +198,7 @@ class AbandonedRequestTests(SynchronousTestCase):
 
         app = Klein()
         Api(app, _Node(), _NoAuth()).route("/api/cancels", ["GET"], auth="none")(cancels)
-        channel = Site(app.resource(), requestFactory=LimitedRequest).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        channel = Site(app.resource(), requestFactory=LimitedRequest, reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(b"GET /api/cancels HTTP/1.1\r\nHost: a\r\n\r\n")
