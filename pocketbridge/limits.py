@@ -78,13 +78,6 @@ class LocalLimits:
         self.windows[(name, key)] = (count, start, window_s)
         return succeed((count, max(1, int(math.ceil(start + window_s - now)))))
 
-    def refund(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
-        """Give ``n`` tokens back (a ``take`` whose work did not count), never above ``burst``."""
-        b = self._bucket(name, key, rate, burst)
-        b.take(0.0)  # refill up to now first
-        b.tokens = min(b.burst, b.tokens + n)
-        return succeed(None)
-
     # Fixed-window budgets with reservations. A window is (count, start, length);
     # its start identifies it, so a late release never credits the next window.
 
@@ -176,7 +169,6 @@ local need = math.min(n, burst)
 local wait = 0
 if tokens < need then wait = (need - tokens) / rate end
 if mode == 'charge' or (mode == 'take' and wait == 0) then tokens = tokens - n end
-if mode == 'refund' then tokens = math.min(burst, tokens + n) end
 if mode == 'refund' then tokens = math.min(burst, tokens + n); wait = 0 end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 's', tostring(now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
@@ -281,11 +273,6 @@ class RedisLimits:
 
     def charge(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
         d: "Deferred[Any]" = self._bucket_op("charge", name, key, rate, burst, n)
-        d.addCallback(lambda _: None)
-        return d
-
-    def refund(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]":
-        d: "Deferred[Any]" = self._bucket_op("refund", name, key, rate, burst, n)
         d.addCallback(lambda _: None)
         return d
 

@@ -276,6 +276,7 @@ class RedisReservationTests(TestCase):
         self.assertGreater(await limits.take("hs", "a", 0.001, 3), 0.0)
         await limits.refund("hs", "a", 0.001, 3)
         self.assertEqual(await limits.take("hs", "a", 0.001, 3), 0.0)
+        self.assertGreater(await limits.take("hs", "a", 0.001, 3), 0.0, "a refund gave back more than one token")
         limits.bus.pub = None
         ticket, _, _ = await limits.reserve("t", [("ip:b", 1)], 60)
         self.assertEqual(ticket[0], "local")
