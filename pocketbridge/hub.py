@@ -54,6 +54,7 @@ class DeliveryHub:
         self.read_page = read_page  # most seqs read from storage in one statement
         self.users: Dict[str, _UserRoute] = {}
         self.bus: Any = None  # set by the bus that feeds this hub
+        self.gap_failures = 0  # storage reads failed since the last one that worked
 
     # ----------------------------------------------------------- sessions
 
@@ -151,6 +152,7 @@ class DeliveryHub:
                         route.head = row.seq
                         self._route(route, row, committed_at)
                 low = high
+            self._read_ok()
 
         return Deferred.fromCoroutine(pages())
 
@@ -177,8 +179,17 @@ class DeliveryHub:
             self.resync_user(user_id)
 
     def _fill_failed(self, failure: Any, user_id: str) -> None:
-        # Sessions re-read from storage on reconnect; log and keep the chain alive.
-        log.warn("gap read failed: {error}", error=failure.getErrorMessage())
+        # Sessions re-read from storage on reconnect; keep the chain alive. One
+        # line per run of failures (an outage), not one per failed read.
+        self.gap_failures += 1
+        if self.gap_failures == 1:
+            log.warn("gap read failed: {error} (further failures are counted until a read succeeds)",
+                     error=failure.getErrorMessage())
+
+    def _read_ok(self) -> None:
+        if self.gap_failures:
+            log.info("gap reads work again after {n} failed", n=self.gap_failures)
+            self.gap_failures = 0
 
     def _route(self, route: _UserRoute, event: StoredEvent, committed_at: float) -> None:
         frame = wire.encode("event", relay_payload(event))

@@ -231,7 +231,7 @@ class Session:
             return
         if checked.verdict is Verdict.INVALID:
             metrics.EVENTS_REJECTED.labels(reason=checked.code).inc()
-            log.info("event rejected: {reason}", reason=checked.reason)
+            log.debug("event rejected: {reason}", reason=checked.reason)  # counted in a metric; a client could flood info
             self._answer_now(self._rejected_frame(checked.code, checked.reason, checked.device_seq, checked.event_id))
             return
         slot = _Slot()

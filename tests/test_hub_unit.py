@@ -123,6 +123,31 @@ class HubTests(SynchronousTestCase):
         self.assertTrue(all(upto - after <= 256 for after, upto in storage.reads), storage.reads)
         self.assertEqual(len(storage.reads), 4)
 
+    def test_failing_gap_reads_log_once_per_outage(self) -> None:
+        """While storage fails, 50 gap reads give one warning; the first read that works logs one recovery line."""
+        from twisted.internet.defer import fail
+        from twisted.logger import Logger
+
+        from pocketbridge import hub as hub_module
+        from pocketbridge.storage import StorageUnavailable
+
+        events: List[Any] = []
+        self.patch(hub_module, "log", Logger(observer=events.append))
+        storage = FakeStorage(head=100)
+        real_read = storage.read_range
+        storage.read_range = lambda *a: fail(StorageUnavailable("read_range"))  # type: ignore[method-assign]
+        hub = DeliveryHub(storage)  # type: ignore[arg-type]
+        sink = Sink()
+        hub.attach(sink)
+        hub.known_head(USER, 0)
+        for seq in range(2, 52):
+            hub.on_event(USER, seq, None)
+        self.assertEqual(len(events), 1)
+        storage.read_range = real_read  # type: ignore[method-assign]
+        hub.on_event(USER, 60, None)
+        self.assertEqual(sink.seqs, list(range(1, 61)))
+        self.assertEqual(len(events), 2)
+
 
 class BusTests(SynchronousTestCase):
     """RedisBus with fake connections (nothing is started)."""
