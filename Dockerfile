@@ -24,8 +24,9 @@ COPY schema ./schema
 COPY twisted ./twisted
 
 # A regular (non-editable) wheel: it carries twisted/plugins/pocketbridge_plugin.py
-# into site-packages, where twistd finds the plugin.
-RUN pip wheel --wheel-dir /wheels .
+# into site-packages, where twistd finds the plugin. [server]: the server's own
+# dependencies (without the extra only the client SDK's are collected).
+RUN pip wheel --wheel-dir /wheels '.[server]'
 
 # ---------------------------------------------------------------- runtime
 FROM python:3.11-slim
@@ -40,7 +41,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 # the builder resolved.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels pocketbridge \
+    pip install --no-index --find-links=/wheels 'pocketbridge[server]' \
     # Build Twisted's plugin cache now, as root: the server user cannot write
     # to site-packages, and twistd would otherwise warn on every start.
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \

@@ -29,6 +29,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         sys.stderr.write("pocketbridge-admin: configuration error: {}\n".format(e))
         return 2
+    from .tap import SERVER_INSTALL_HINT, missing_server_modules
+
+    missing = missing_server_modules()
+    if missing:
+        sys.stderr.write("pocketbridge-admin: the server's dependencies are not installed (no {}); install them "
+                         "with: {}\n".format(", ".join(missing), SERVER_INSTALL_HINT))
+        return 2
     from .storage.sync import migrate_now
 
     try:

@@ -1,9 +1,11 @@
 """
-Handshake cryptography for protocol v1 and v2 (PROTOCOL.md §4, §5).
+Handshake cryptography for protocol v1 and v2 (PROTOCOL.md §4, §5) and the
+bytes a PB-Ed25519 REST signature covers (API.md §1.1).
 
 Pure functions over bytes and hex strings: no I/O, no clock. The server and
 the client SDK both use them, so one implementation is checked against the
-§13 vectors.
+§13 vectors. The SDK imports this module, so it must not import anything that
+only the server installs (see the ``server`` extra in setup.cfg).
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ def verify_ed25519(public_key: bytes, message: bytes, signature: bytes) -> bool:
     except Exception:  # nacl raises its own error types for malformed keys
         return False
     return True
+
+
+# ---------------------------------------------------------------- REST
+
+
+REST_SIG_PREFIX = b"pocketbridge/2 rest"
+
+
+def signed_message(method: str, path: str, ts: str, user: str, device: str, body: bytes) -> bytes:
+    """The bytes a PB-Ed25519 signature covers (API.md §1.1)."""
+    return b"\x00".join([
+        REST_SIG_PREFIX, method.upper().encode("ascii"), path.encode("latin-1"), ts.encode("ascii"),
+        user.encode("ascii"), device.encode("ascii"), hashlib.sha256(body).hexdigest().encode("ascii"),
+    ])
 
 
 # ---------------------------------------------------------------- P-256

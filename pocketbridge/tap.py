@@ -4,14 +4,21 @@
 ``makeService`` builds a MultiService in dependency order — storage, bus and
 hub, writer, web, background loops — from plain constructors. Configuration
 errors end the process with one line naming the setting.
+
+The package installs without the server's own dependencies (they are the
+``server`` extra; ``pip install pocketbridge`` is the SDK and CLI). This
+module imports none of them at import time, and ``Options`` checks for them
+first, so ``twistd pocketbridge`` without them prints one line naming the
+install command instead of a traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -26,6 +33,16 @@ from .config import ConfigError, Settings
 from .drain import start_drain
 
 log = Logger()
+
+#: The modules of the ``server`` extra (setup.cfg) that the server imports;
+#: hiredis is left out: txredisapi only uses it to parse replies faster.
+SERVER_MODULES = ("klein", "prometheus_client", "psycopg2", "txredisapi")
+SERVER_INSTALL_HINT = "pip install 'pocketbridge[server]'"
+
+
+def missing_server_modules() -> List[str]:
+    """The entries of ``SERVER_MODULES`` that cannot be imported here (found, not imported)."""
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def _named(setting: config.Setting) -> Any:
@@ -55,7 +72,12 @@ class Options(usage.Options):
     ]
 
     def parseOptions(self, options: Optional[list] = None) -> None:
-        """Parse; a bad value ends the process with one line, not a usage dump."""
+        """Parse; a bad value, or a package installed without the server extra,
+        ends the process with one line, not a usage dump or a traceback."""
+        missing = missing_server_modules()
+        if missing:
+            raise _fail("the server's dependencies are not installed (no {}); install them with: {}".format(
+                ", ".join(missing), SERVER_INSTALL_HINT))
         try:
             super().parseOptions(options)
         except usage.UsageError as e:

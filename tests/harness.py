@@ -188,7 +188,7 @@ def check_plugin() -> None:
                 "`twistd pocketbridge --help` failed (exit {}), so no server can start.\n"
                 "If twistd does not list the pocketbridge plugin, install the package so"
                 " that it does:\n"
-                "    pip install --config-settings editable_mode=strict -e .\n"
+                "    pip install --config-settings editable_mode=strict -e '.[test]'\n"
                 "(a default editable install hides twisted/plugins from twistd). If the"
                 " output below is a traceback from pocketbridge, the server fails to"
                 " import.\nOutput:\n{}".format(proc.returncode, _tail(output, 40))

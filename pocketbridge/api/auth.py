@@ -5,18 +5,17 @@ REST authentication (API.md §1): PB-Ed25519 signed requests, the legacy
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from .. import crypto, metrics
+from ..crypto import signed_message
 from ..storage.q_replay import StorageReplayCache
 from ..wire import HEX64_RE, is_uuid
 from .http import ApiError
 
-SIG_PREFIX = b"pocketbridge/2 rest"
 PARAM_RE = re.compile(r"^\s*([a-z]+)=([^,\s]*)\s*\Z")
 TS_RE = re.compile(r"^[0-9]{1,16}\Z")
 HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}\Z")
@@ -33,14 +32,6 @@ class Caller:
 
 ANONYMOUS = Caller("none")
 ADMIN = Caller("admin")
-
-
-def signed_message(method: str, path: str, ts: str, user: str, device: str, body: bytes) -> bytes:
-    """The bytes a PB-Ed25519 signature covers (API.md §1.1)."""
-    return b"\x00".join([
-        SIG_PREFIX, method.upper().encode("ascii"), path.encode("latin-1"), ts.encode("ascii"),
-        user.encode("ascii"), device.encode("ascii"), hashlib.sha256(body).hexdigest().encode("ascii"),
-    ])
 
 
 def parse_authorization(value: str) -> Optional[Dict[str, str]]:
