@@ -236,9 +236,10 @@ class ClientOnlyInstall(TestCase):
         self.assertIn("of 2 devices", lines["presence"])
 
     async def test_twistd_pocketbridge_says_what_to_install_in_one_line(self) -> None:
-        """twistd pocketbridge (and pocketbridge-admin migrate) without the server extra print one line naming `pip install 'pocketbridge[server]'` and exit non-zero, with no traceback."""
+        """twistd pocketbridge (and pocketbridge-admin migrate, pocketbridge-bench) without the server extra print one line naming `pip install 'pocketbridge[server]'` and exit non-zero, with no traceback."""
         for command in (["twistd", "-n", "pocketbridge"], ["twistd", "pocketbridge", "--help"],
-                        ["pocketbridge-admin", "migrate", "--data-dir", "data"]):
+                        ["pocketbridge-admin", "migrate", "--data-dir", "data"],
+                        ["pocketbridge-bench", "--help"]):
             result = await self.venv_run(*command)
             self.assertNotEqual(result.code, 0, (command, result))
             self.assertIsNotNone(result.code, (command, result))

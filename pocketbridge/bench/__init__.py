@@ -17,3 +17,19 @@ measures raw baselines on the same machine in the same run:
 - ``stats``: percentiles and CPU/RSS readings from ``/proc``;
 - ``report``: headline keys, ratios, targets, the table.
 """
+
+
+def main() -> None:
+    """The ``pocketbridge-bench`` entry point: refuse in one line without the server extra, then run."""
+    import sys
+
+    from pocketbridge.tap import SERVER_INSTALL_HINT, missing_server_modules
+
+    missing = missing_server_modules()
+    if missing:
+        sys.stderr.write("pocketbridge-bench: the server's dependencies are not installed (no {}); install them "
+                         "with: {}\n".format(", ".join(missing), SERVER_INSTALL_HINT))
+        raise SystemExit(2)
+    from pocketbridge.bench.cli import main as run
+
+    raise SystemExit(run())
