@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from . import metrics
+from .connection import SESSION, ConnectionMachine, State
 
 #: Seconds between checks of a paused connection's buffer (at most).
 TICK = 1.0
@@ -147,20 +148,15 @@ class FlowControl:
     from one read in a single loop, so ``processData`` refuses to go on and
     the frames wait, unparsed, until reading resumes.
 
-    Expects the gateway's attributes (``outbound``, ``session``,
-    ``established``, ``gone``, ``dropped``, ``closing_frame``, ``hold_auth``,
-    ``hold_session``, ``read_held``, ``in_rx``) and its ``_drop`` and
-    ``reading_paused``.
+    Reading is held while the connection machine is ADMITTING, and while an
+    attached session has paused its reading (JOINING, LIVE); never once the
+    close frame is sent. Expects the gateway's ``machine``, ``outbound``,
+    ``session``, ``read_held``, ``in_rx``, ``_drop`` and ``reading_paused``.
     """
 
+    machine: ConnectionMachine
     outbound: Optional[Outbound]
     session: Any
-    established: bool
-    gone: bool
-    dropped: bool
-    closing_frame: bool
-    hold_auth: bool
-    hold_session: bool
     read_held: bool
     in_rx: bool
     transport: Any
@@ -178,10 +174,12 @@ class FlowControl:
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         """Every write of the connection: within the outbound ceiling, never after the socket is gone."""
-        if self.gone or self.dropped or self.transport is None or self.state == self.STATE_CLOSED:
+        phase = self.machine.state
+        if phase in (State.ABORTED, State.GONE) or self.transport is None or self.state == self.STATE_CLOSED:
             return
         out = self.outbound
-        if out is not None and not self.closing_frame and not out.admit(len(data)):
+        # Once CLOSING, the only write is our close frame: it goes out even past the ceiling.
+        if out is not None and phase is not State.CLOSING and not out.admit(len(data)):
             self._over_ceiling()
             return
         super().sendData(data, sync, chopsize)  # type: ignore[misc]
@@ -190,7 +188,7 @@ class FlowControl:
 
     def _over_ceiling(self) -> None:
         """More unsent bytes than allowed: 4008 after authentication, dropped before (§12)."""
-        if self.established and self.session is not None:
+        if self.machine.state is State.LIVE and self.session is not None:
             metrics.LIMIT_HITS.labels(limit="outbound_bytes").inc()
             self.session.close(4008, "Slow consumer")
         else:
@@ -202,12 +200,12 @@ class FlowControl:
             self.session.outbound_paused()
 
     def _outbound_resumed(self) -> None:
-        if self.session is not None and not self.gone:
+        if self.session is not None and self.machine.state is not State.GONE:
             self.session.outbound_resumed()
 
     def _outbound_stalled(self) -> None:
         session = self.session
-        if session is not None and not self.gone:
+        if session is not None and self.machine.state is not State.GONE:
             metrics.LIMIT_HITS.labels(limit="outbound_stall").inc()
             session.close(4008, "Slow consumer")
 
@@ -226,10 +224,16 @@ class FlowControl:
             return False
         return bool(super().processData())  # type: ignore[misc]
 
+    def _hold_wanted(self) -> bool:
+        phase = self.machine.state
+        if phase is State.ADMITTING:
+            return True
+        return phase in SESSION and self.session is not None and bool(self.session.reading_paused)
+
     def _apply_hold(self) -> None:
-        """Pause or resume the transport; on resume, handle frames already buffered."""
-        held = self.hold_auth or self.hold_session
-        if self.gone or self.transport is None or held == self.read_held:
+        """Pause or resume the transport as the state says; on resume, handle frames already buffered."""
+        held = self._hold_wanted()
+        if self.machine.state is State.GONE or self.transport is None or held == self.read_held:
             return
         self.read_held = held
         transport: Any = self.transport

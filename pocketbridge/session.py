@@ -101,8 +101,15 @@ class Session:
 
     # ------------------------------------------------------------ start
 
-    def established(self, head: int, delivered_seq: int, last_device_seq: int) -> None:
-        """H was read: set up catch-up and release live events queued meanwhile."""
+    #: Whether the gateway sends ``session_expiring_soon`` 5 minutes before expiry (v2 only, PROTOCOL.md §9).
+    warns_before_expiry = False
+
+    def established(self, head: int, delivered_seq: int, last_device_seq: int,
+                    resume_from: Optional[int] = None, purged_below: int = 0) -> None:
+        """
+        H was read: set up catch-up and release live events queued meanwhile.
+        ``resume_from`` and ``purged_below`` matter to v2 only (v1 pages on request).
+        """
         self.head = head
         self.live_last = head
         start = min(delivered_seq, head)

@@ -49,7 +49,9 @@ class V2Session(Session):
 
     # ------------------------------------------------------------ start
 
-    def established(self, head: int, delivered_seq: int, last_device_seq: int,  # type: ignore[override]
+    warns_before_expiry = True
+
+    def established(self, head: int, delivered_seq: int, last_device_seq: int,
                     resume_from: Optional[int] = None, purged_below: int = 0) -> None:
         """H was read: start the pushed catch-up."""
         self.head = head

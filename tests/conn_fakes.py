@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from pocketbridge import config, wire
+from pocketbridge.connection import Input
 from pocketbridge.events import StoredEvent
 from pocketbridge.gateway import GatewayProtocol, _Conn, make_factory
 from pocketbridge.hub import DeliveryHub
@@ -205,13 +206,18 @@ def connect(node: Node, clock: MemoryReactorClock) -> Tuple[GatewayProtocol, Fak
 
 
 def authenticate(proto: GatewayProtocol, version: int = 1, head: int = 0) -> Session:
-    """Attach a session to the connection as the handshake would (without the key exchange)."""
+    """
+    Walk the connection's machine to LIVE with a session attached, as the
+    handshake would (without the key exchange, the storage reads and the
+    heartbeat timers).
+    """
     node = proto.node
     cls = V2Session if version == 2 else Session
     session = cls(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
     node.hub.attach(session)
-    proto.session = session
-    proto.established = True
-    proto._register_outbound()
+    proto.machine.feed(Input.HELLO)
+    proto.machine.feed(Input.AUTH)
+    proto._attached(session)
+    proto.machine.feed(Input.ESTABLISHED)
     session.established(head, head, 1)
     return session
