@@ -178,3 +178,56 @@ class ConnectionMachine:
     def ended(self) -> bool:
         """Closing, aborted or gone: a handshake step that awaited must stop."""
         return self.state in (State.CLOSING, State.ABORTED, State.GONE)
+
+
+class Heartbeat:
+    """
+    The server's pings of a LIVE connection (PROTOCOL.md §1): one every
+    ``interval`` seconds; ``lost`` is called once no pong came for
+    ``timeout`` seconds, not counting time the connection's reading was
+    paused (a paused socket cannot read the pong). Its timer belongs to LIVE.
+    """
+
+    def __init__(self, machine: ConnectionMachine, interval: float, timeout: float,
+                 send_ping: Callable[[], None], lost: Callable[[], None]) -> None:
+        self.machine = machine
+        self.interval = interval
+        self.timeout = timeout
+        self.send_ping = send_ping
+        self.lost = lost
+        self.last_pong = 0.0
+        self.paused_since: Optional[float] = None
+        self.paused_total = 0.0
+
+    def start(self) -> None:
+        """LIVE: count from now, ping every ``interval``."""
+        self.last_pong = self.machine.clock.seconds()
+        self._schedule()
+
+    def pong(self) -> None:
+        """A pong was read."""
+        self.last_pong = self.machine.clock.seconds()
+        self.paused_total = 0.0
+        if self.paused_since is not None:
+            self.paused_since = self.last_pong
+
+    def reading_paused(self, paused: bool) -> None:
+        """Bookkeeping so paused time does not count against the heartbeat."""
+        now = self.machine.clock.seconds()
+        if paused and self.paused_since is None:
+            self.paused_since = now
+        elif not paused and self.paused_since is not None:
+            self.paused_total += now - self.paused_since
+            self.paused_since = None
+
+    def _schedule(self) -> None:
+        self.machine.call_later(self.interval, self._ping, states=frozenset({State.LIVE}))
+
+    def _ping(self) -> None:
+        now = self.machine.clock.seconds()
+        paused = self.paused_total + (now - self.paused_since if self.paused_since is not None else 0.0)
+        if now - self.last_pong - paused > self.timeout:
+            self.lost()
+            return
+        self.send_ping()
+        self._schedule()

@@ -10,7 +10,6 @@ attached session go to the ``Session``. The adapter owns the frame codec
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from typing import Any, Dict, List, Optional, Tuple, cast
 
@@ -21,38 +20,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import crypto, metrics, wire
-from .connection import HANDSHAKE, PRE_LIVE, ConnectionMachine, HEARTBEAT_CLOSE_GRACE, Input, State
+from .connection import HANDSHAKE, HEARTBEAT_CLOSE_GRACE, PRE_LIVE, ConnectionMachine, Heartbeat, Input, State
 from .handshake import ServerHandshake
 from .outbound import FlowControl, Outbound
 from .session import WS_PING, WS_PONG, Session
-from .session_admission import FailureToken, admit, check_upgrade
+from .session_admission import FailureToken, admit, check_upgrade, client_ip, depart
 from .storage import StorageUnavailable
 from .wire import Malformed, ProtocolError
 
 log = Logger()
 
-def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
-    """
-    The client's address (PROTOCOL.md §12): the peer unless it is a trusted
-    proxy; IPv6 by /64, except an IPv4-mapped address (a dual-stack
-    listener), which is its IPv4 address (all of them share one /64).
-    """
-    ip = peer_host
-    if forwarded_for and peer_host in trusted:
-        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
-        for hop in reversed(hops):
-            if hop not in trusted:
-                ip = hop
-                break
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.ip_network(str(addr) + "/64", strict=False))
-    return ip
+__all__ = ["GatewayProtocol", "client_ip", "make_factory"]
 
 
 class GatewayProtocol(FlowControl, WebSocketServerProtocol):
@@ -69,9 +47,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         self.ip = ""
         self.unexpected = 0  # frames before authentication that were no handshake step (§4.3)
         self.queued: List[Tuple[str, Dict[str, Any]]] = []  # frames read while admitting
-        self.last_pong = 0.0
-        self.paused_since: Optional[float] = None
-        self.paused_total = 0.0
+        self.heartbeat: Optional[Heartbeat] = None  # from onConnect
         self.failure_wait = 0.0
         self.outbound: Optional[Outbound] = None
         self.read_held = False  # the transport is paused (mirrors what was last applied)
@@ -118,6 +94,8 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         node = self.factory.node
         self.node = node
         self.machine.clock = node.clock
+        self.heartbeat = Heartbeat(self.machine, node.settings.heartbeat_interval, node.settings.heartbeat_timeout,
+                                   self.sendPing, self._heartbeat_lost)
         forwarded = request.headers.get("x-forwarded-for")
         transport: Any = self.transport  # the TCP transport: getPeer() has .host
         self.ip = client_ip(transport.getPeer().host, forwarded, node.trusted_proxies)
@@ -316,10 +294,8 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
 
     def pong_received(self) -> None:
         """A pong was read (heartbeat, §1)."""
-        self.last_pong = self.node.clock.seconds()
-        self.paused_total = 0.0
-        if self.paused_since is not None:
-            self.paused_since = self.last_pong
+        if self.heartbeat is not None:
+            self.heartbeat.pong()
 
     # -------------------------------------------------------------- admission's results
 
@@ -332,12 +308,11 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         if self.machine.state is not State.JOINING:
             return  # dropped while sending (the pre-auth ceiling)
         self.machine.feed(Input.ESTABLISHED)
-        clock = self.node.clock
-        self.last_pong = clock.seconds()
         self.machine.call_later(age, session.expire)
         if session.warns_before_expiry:
             self.machine.call_later(max(0.0, age - 300), self._expiring_soon, expires_at)
-        self._schedule_ping()
+        assert self.heartbeat is not None
+        self.heartbeat.start()
 
     def _live(self) -> None:
         """Authenticated: the contract's message sizes and outbound bounds replace the pre-auth ones."""
@@ -370,28 +345,15 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
 
     # -------------------------------------------------------------- heartbeat (LIVE only)
 
-    def _schedule_ping(self) -> None:
-        self.machine.call_later(self.node.settings.heartbeat_interval, self._ping)
-
-    def _ping(self) -> None:
-        now = self.node.clock.seconds()
-        paused = self.paused_total + (now - self.paused_since if self.paused_since is not None else 0.0)
-        if now - self.last_pong - paused > self.node.settings.heartbeat_timeout:
-            if self.session is not None:
-                self.session.stopped = True
-            self._close(1008, "Heartbeat timeout", Input.HEARTBEAT_LOST)
-            return
-        self.sendPing()
-        self._schedule_ping()
+    def _heartbeat_lost(self) -> None:
+        if self.session is not None:
+            self.session.stopped = True
+        self._close(1008, "Heartbeat timeout", Input.HEARTBEAT_LOST)
 
     def reading_paused(self, paused: bool) -> None:
-        """Bookkeeping so paused time does not count against the heartbeat."""
-        now = self.node.clock.seconds()
-        if paused and self.paused_since is None:
-            self.paused_since = now
-        elif not paused and self.paused_since is not None:
-            self.paused_total += now - self.paused_since
-            self.paused_since = None
+        """Paused reading does not count against the heartbeat."""
+        if self.heartbeat is not None:
+            self.heartbeat.reading_paused(paused)
 
     # -------------------------------------------------------------- end
 
@@ -414,26 +376,8 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         metrics.CONNECTIONS.labels(state="open").dec()
         if reached is State.LIVE:
             metrics.CONNECTIONS.labels(state="authenticated").dec()
-        session = self.session
-        if session is not None:
-            session.lost()
-            node.hub.detach(session)
-            node.cursors.flush()
-            d = node.presence.remove(session.user_id, session.device_id, self.session_id)
-            d.addCallback(self._removed, session)
-            d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
-
-    def _removed(self, offline: bool, session: Session) -> None:
-        if not offline:
-            return
-        node = self.node
-        now = node.now_ms()
-        # Persist last_seen first, then tell the other devices (a REST read after
-        # the notice sees the new value).
-        d = node.storage.touch_device(session.user_id, session.device_id, now)
-        d.addErrback(lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
-        d.addCallback(lambda _: node.announce_presence(
-            session.user_id, session.device_id, session.device_name, session.device_type, False, now))
+        if self.session is not None:
+            depart(node, self.session, self.session_id)
 
 
 class _Conn:

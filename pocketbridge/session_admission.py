@@ -11,6 +11,7 @@ through the ``Gate`` it passes in; nothing here touches a socket.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Dict, Optional, Protocol, Tuple, Type
 
 from autobahn.websocket.types import ConnectionDeny
@@ -25,6 +26,30 @@ log = Logger()
 
 #: The session type of each protocol version (PROTOCOL.md §4.1).
 SESSION_TYPES: Dict[int, Type[Session]] = {1: Session, 2: V2Session}
+
+
+def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
+    """
+    The client's address (PROTOCOL.md §12): the peer unless it is a trusted
+    proxy; IPv6 by /64, except an IPv4-mapped address (a dual-stack
+    listener), which is its IPv4 address (all of them share one /64).
+    """
+    ip = peer_host
+    if forwarded_for and peer_host in trusted:
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if hop not in trusted:
+                ip = hop
+                break
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(str(addr) + "/64", strict=False))
+    return ip
 
 
 class FailureToken:
@@ -184,3 +209,29 @@ def _socket_limit(s: Any, device_sockets: int, user_sockets: int) -> Optional[Tu
     if user_sockets >= s.sockets_per_user:
         return "sockets_per_user", "Too many sockets for this user; retry after 30 s"
     return None
+
+
+def depart(node: Any, session: Session, session_id: str) -> None:
+    """
+    The connection of an attached session is gone: write the cursor, stop
+    routing to it, and when it was the device's last socket persist
+    ``last_seen`` and then tell the other devices it went offline.
+    """
+    session.lost()
+    node.hub.detach(session)
+    node.cursors.flush()
+    d = node.presence.remove(session.user_id, session.device_id, session_id)
+    d.addCallback(_removed, node, session)
+    d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
+
+
+def _removed(offline: bool, node: Any, session: Session) -> None:
+    if not offline:
+        return
+    now = node.now_ms()
+    # Persist last_seen first, then tell the other devices (a REST read after
+    # the notice sees the new value).
+    d = node.storage.touch_device(session.user_id, session.device_id, now)
+    d.addErrback(lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
+    d.addCallback(lambda _: node.announce_presence(
+        session.user_id, session.device_id, session.device_name, session.device_type, False, now))
