@@ -53,6 +53,8 @@ HANDSHAKE: FrozenSet[State] = frozenset({State.AWAIT_HELLO, State.AWAIT_AUTH, St
 #: The states before session_established in which a close drops the TCP after preauth_close_grace.
 PRE_LIVE: FrozenSet[State] = frozenset(
     {State.UPGRADING, State.AWAIT_HELLO, State.AWAIT_AUTH, State.ADMITTING, State.JOINING})
+#: LIVE alone (the heartbeat's and the session expiry's timers).
+LIVE: FrozenSet[State] = frozenset({State.LIVE})
 #: The states in which a session is attached.
 SESSION: FrozenSet[State] = frozenset({State.JOINING, State.LIVE})
 #: The states in which the connection is open for frames and writes.
@@ -137,8 +139,14 @@ class ConnectionMachine:
 
     def call_later(self, seconds: float, fn: Callable[..., Any], *args: Any,
                    states: Optional[FrozenSet[State]] = None) -> Any:
-        """Arm a timer that lives while the machine stays in ``states`` (default: the current state)."""
+        """
+        Arm a timer that lives while the machine stays in ``states`` (default:
+        the current state); its DelayedCall, or None (nothing armed) when the
+        machine is not in ``states`` now (it left them while the caller ran).
+        """
         live_in = states if states is not None else frozenset({self.state})
+        if self.state not in live_in:
+            return None
         timer = _Timer(live_in, None)
 
         def fire() -> None:
@@ -221,7 +229,7 @@ class Heartbeat:
             self.paused_since = None
 
     def _schedule(self) -> None:
-        self.machine.call_later(self.interval, self._ping, states=frozenset({State.LIVE}))
+        self.machine.call_later(self.interval, self._ping, states=LIVE)
 
     def _ping(self) -> None:
         now = self.machine.clock.seconds()

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import crypto, metrics, wire
-from .connection import HANDSHAKE, HEARTBEAT_CLOSE_GRACE, PRE_LIVE, ConnectionMachine, Heartbeat, Input, State
+from .connection import HANDSHAKE, HEARTBEAT_CLOSE_GRACE, LIVE, PRE_LIVE, ConnectionMachine, Heartbeat, Input, State
 from .handshake import ServerHandshake
 from .outbound import FlowControl, Outbound
 from .session import WS_PING, WS_PONG, Session
@@ -308,9 +308,9 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):
         if self.machine.state is not State.JOINING:
             return  # dropped while sending (the pre-auth ceiling)
         self.machine.feed(Input.ESTABLISHED)
-        self.machine.call_later(age, session.expire)
+        self.machine.call_later(age, session.expire, states=LIVE)
         if session.warns_before_expiry:
-            self.machine.call_later(max(0.0, age - 300), self._expiring_soon, expires_at)
+            self.machine.call_later(max(0.0, age - 300), self._expiring_soon, expires_at, states=LIVE)
         assert self.heartbeat is not None
         self.heartbeat.start()
 

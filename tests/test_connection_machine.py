@@ -119,6 +119,13 @@ class TransitionTableTests(SynchronousTestCase):
         m.feed(Input.HELLO)
         self.assertEqual(fired, [1])
 
+    def test_no_timer_for_states_already_left(self) -> None:
+        """A timer asked for states the machine is not in is not armed (it could never be cancelled by leaving them)."""
+        clock = Clock()
+        m, _ = machine_in(State.CLOSING, clock)
+        self.assertIsNone(m.call_later(5, lambda: None, states=HANDSHAKE))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_reached_is_the_last_open_state(self) -> None:
         """``reached`` keeps the state a connection got to before it closed, dropped or was lost."""
         m, _ = machine_in(State.LIVE, Clock())
@@ -241,7 +248,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         self.assertTrue(tcp.aborted)
         self.assertEqual(proto.machine.pending(), [])
 
-    def test_admitting_holds_reading_and_queues_frames(self) -> None:
+    def test_admitting_holds_reading(self) -> None:
         """AWAIT_AUTH -> ADMITTING: the transport stops reading; a frame already read waits, unanswered, for the session."""
         proto, tcp, _ = self.to_admitting()
         self.assertFalse(tcp.reading)
