@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from twisted.trial.unittest import TestCase
 
 from tests.abuse import HonestTraffic, cpu_seconds, run_attack, sleep, start_abuse_server
-from tests.harness import PostgresMixin, SQLiteMixin
+from tests.harness import SQLiteMixin
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -53,7 +53,3 @@ class JunkAcks(_Base):
 
 class JunkAcksSQLite(JunkAcks, SQLiteMixin, TestCase):
     """Junk acks on SQLite."""
-
-
-class JunkAcksPostgres(JunkAcks, PostgresMixin, TestCase):
-    """Junk acks on PostgreSQL."""

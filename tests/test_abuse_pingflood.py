@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict
 from twisted.trial.unittest import TestCase
 
 from tests.abuse import HonestTraffic, run_attack, sleep, start_abuse_server
-from tests.harness import PostgresMixin, SQLiteMixin
+from tests.harness import SQLiteMixin
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -70,7 +70,3 @@ class PingFlood(_Base):
 
 class PingFloodSQLite(PingFlood, SQLiteMixin, TestCase):
     """Ping floods on SQLite."""
-
-
-class PingFloodPostgres(PingFlood, PostgresMixin, TestCase):
-    """Ping floods on PostgreSQL."""
