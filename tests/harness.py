@@ -249,6 +249,25 @@ class ServerStartError(Exception):
 _live: Set["ServerProcess"] = set()
 
 
+async def wait_until(testcase: TestCase, check: Callable[[], Any], what: str, timeout: float,
+                     interval: float = 0.05) -> Any:
+    """Poll ``check`` (sync or async) until it returns something true; fail ``testcase`` after ``timeout`` s."""
+    import time
+
+    from twisted.internet.defer import Deferred
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            testcase.fail("timed out after {:.1f} s waiting for {}".format(timeout, what))
+        await deferLater(reactor, interval, lambda: None)
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     # A trial run interrupted by ^C must not leave servers behind.

@@ -42,6 +42,7 @@ from tests.harness import (
     require_postgres,
     require_redis,
     start_server,
+    wait_until,
 )
 from tests.redisctl import (
     PrivateRedis,
@@ -213,16 +214,7 @@ class ClusterTests(TestCase):
     async def until(self, check: Callable[[], Any], what: str, timeout: float = TIMEOUT,
                     interval: float = 0.05) -> Any:
         """Poll ``check`` (sync or async) until it returns something true; fail after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if isinstance(result, Deferred) or hasattr(result, "__await__"):
-                result = await result
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                self.fail("timed out after {:.1f} s waiting for {}".format(timeout, what))
-            await sleep(interval)
+        return await wait_until(self, check, what, timeout, interval)
 
     async def barrier(self, client: Client) -> None:
         """Wait until everything the node sent ``client`` before now has arrived (ping → pong)."""

@@ -25,7 +25,9 @@ from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from tests.faultctl import CommitCutter, PrivatePostgres, TmpfsServer, sleep, tmpfs_available
-from tests.harness import PostgresDatabase, create_database, free_port, in_ci, require_postgres, start_server
+from tests.harness import (
+    PostgresDatabase, create_database, free_port, in_ci, require_postgres, start_server, wait_until,
+)
 from tests.redisctl import PrivateRedis, RedisAdmin, redis_server_available
 
 STREAM = "clipboard:main"
@@ -69,16 +71,7 @@ class FaultCase(TestCase):
 
     async def until(self, check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
         """Poll ``check`` (sync or async) until true; fail after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if isinstance(result, Deferred) or hasattr(result, "__await__"):
-                result = await result
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                self.fail("timed out after {:.1f} s waiting for {}".format(timeout, what))
-            await sleep(0.05)
+        return await wait_until(self, check, what, timeout)
 
     async def health(self, server: Any) -> int:
         """The status of GET /health (0 when it does not answer within 2 s)."""
