@@ -21,6 +21,7 @@ from pocketbridge.events import NewEvent
 from pocketbridge.storage import Storage
 from pocketbridge.storage.postgres import PostgresStorage
 from pocketbridge.storage.sqlite import SQLiteStorage
+from pocketbridge.storage.sync import migrate_connection
 from tests.harness import create_database, start_server
 from tests.test_bench_smoke import RAISED_LIMITS
 
@@ -80,13 +81,6 @@ class PrefillConsistency:
         self.assertEqual([(o.kind, o.seq, o.stream_seq) for o in out], [("stored", 11, 4), ("conflict", None, None)])
 
 
-def _migrate(storage: Storage, conn: Any) -> None:
-    cur = conn.cursor()
-    storage._begin(cur)
-    storage._txn_migrate(cur)
-    conn.commit()
-
-
 class SQLitePrefillTests(PrefillConsistency, SynchronousTestCase):
     """The generator on SQLite."""
 
@@ -96,7 +90,7 @@ class SQLitePrefillTests(PrefillConsistency, SynchronousTestCase):
         self.storage = SQLiteStorage(self.database)
         self.conn = sqlite3.connect(self.database, isolation_level=None)
         self.addCleanup(self.conn.close)
-        _migrate(self.storage, self.conn)
+        migrate_connection(self.storage, self.conn)
 
 
 class PostgresPrefillTests(PrefillConsistency, SynchronousTestCase):
@@ -109,7 +103,7 @@ class PostgresPrefillTests(PrefillConsistency, SynchronousTestCase):
         self.storage = PostgresStorage(self.database)
         self.conn = psycopg2.connect(self.database)
         self.addCleanup(self.conn.close)
-        _migrate(self.storage, self.conn)
+        migrate_connection(self.storage, self.conn)
 
 
 class BenchPrefillTests(TestCase):

@@ -32,6 +32,7 @@ from pocketbridge.events import NewEvent
 from pocketbridge.storage import Storage
 from pocketbridge.storage.postgres import PostgresStorage
 from pocketbridge.storage.sqlite import SQLiteStorage
+from pocketbridge.storage.sync import migrate_connection
 from tests.harness import create_database
 
 NOW = 1_700_000_000_000
@@ -220,13 +221,6 @@ class PlanChecks:
         raise NotImplementedError
 
 
-def _migrate(storage: Storage, conn: Any) -> None:
-    cur = conn.cursor()
-    storage._begin(cur)
-    storage._txn_migrate(cur)
-    conn.commit()
-
-
 class SQLitePlanTests(PlanChecks, SynchronousTestCase):
     """The plans on SQLite."""
 
@@ -236,7 +230,7 @@ class SQLitePlanTests(PlanChecks, SynchronousTestCase):
         self.storage = SQLiteStorage(path)
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.addCleanup(self.conn.close)
-        _migrate(self.storage, self.conn)
+        migrate_connection(self.storage, self.conn)
         self.load()
 
     def prefill_rows(self, count: int, per_user: int) -> None:
@@ -265,7 +259,7 @@ class PostgresPlanTests(PlanChecks, SynchronousTestCase):
         self.storage = PostgresStorage(db.url)
         self.conn = psycopg2.connect(db.url)
         self.addCleanup(self.conn.close)
-        _migrate(self.storage, self.conn)
+        migrate_connection(self.storage, self.conn)
         self.load()
 
     def prefill_rows(self, count: int, per_user: int) -> None:

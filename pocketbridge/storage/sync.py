@@ -28,13 +28,18 @@ def migrate_now(settings: Settings) -> int:
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
     try:
-        cur = conn.cursor()
-        storage._begin(cur)
-        version = storage._txn_migrate(cur)
-        conn.commit()
-        return version
+        return migrate_connection(storage, conn)
     except BaseException:
         conn.rollback()
         raise
     finally:
         conn.close()
+
+
+def migrate_connection(storage: Any, conn: Any) -> int:
+    """Apply pending migrations of ``storage``'s dialect over an open DB-API connection and commit."""
+    cur = conn.cursor()
+    storage._begin(cur)
+    version: int = storage._txn_migrate(cur)
+    conn.commit()
+    return version
