@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from . import metrics
 from .api.http import LimitedRequest
-from .gateway import client_ip
+from .session_admission import client_ip
 
 log = Logger()
 

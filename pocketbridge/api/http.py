@@ -169,7 +169,7 @@ class Api:
 
     def client_ip(self, request: Any) -> str:
         """The client address by PROTOCOL.md §12."""
-        from ..gateway import client_ip
+        from ..session_admission import client_ip
 
         forwarded = request.getHeader(b"x-forwarded-for")
         return client_ip(request.getClientAddress().host, forwarded.decode("latin-1") if forwarded else None,
