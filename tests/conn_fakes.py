@@ -16,14 +16,16 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
-from pocketbridge import config, wire
-from pocketbridge.connection import Input
-from pocketbridge.events import StoredEvent
-from pocketbridge.gateway import GatewayProtocol, _Conn, make_factory
-from pocketbridge.hub import DeliveryHub
-from pocketbridge.node import Node
-from pocketbridge.session import Session
-from pocketbridge.session_v2 import V2Session
+from pocketbridge.server import config
+
+from pocketbridge.protocol import wire
+from pocketbridge.server.gateway.connection import Input
+from pocketbridge.protocol.events import StoredEvent
+from pocketbridge.server.gateway.adapter import GatewayProtocol, _Conn, make_factory
+from pocketbridge.server.fanout.hub import DeliveryHub
+from pocketbridge.server.context import Node
+from pocketbridge.server.gateway.session import Session
+from pocketbridge.server.gateway.session_v2 import V2Session
 
 USER = "ab" * 32
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"

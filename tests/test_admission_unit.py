@@ -23,10 +23,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from pocketbridge.admission import Admission, AdmissionFactory, connection_budget, ip_key, raise_fd_limit
-from pocketbridge.api.http import Api
-from pocketbridge.config import Settings
-from pocketbridge.web import Root, build_site
+from pocketbridge.server.accept import Admission, AdmissionFactory, connection_budget, ip_key, raise_fd_limit
+from pocketbridge.server.api.http import Api
+from pocketbridge.server.config import Settings
+from pocketbridge.server.web import Root, build_site
 
 UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -331,7 +331,7 @@ class ListenerTests(SynchronousTestCase):
 
     def test_listen_backlog_is_added_unless_given(self) -> None:
         """tcp/ssl/unix endpoints get backlog=N (Twisted's default 50 drops SYNs under a connect flood) unless set."""
-        from pocketbridge.tap import _refuse_with_none, _with_backlog
+        from pocketbridge.server.tap import _refuse_with_none, _with_backlog
 
         self.assertEqual(_with_backlog("tcp:3001:interface=127.0.0.1", 1024), "tcp:3001:interface=127.0.0.1:backlog=1024")
         self.assertEqual(_with_backlog("tcp:3001:backlog=5", 1024), "tcp:3001:backlog=5")
@@ -345,7 +345,7 @@ class ClientKeyTests(SynchronousTestCase):
 
     def test_ipv4_mapped_peer_is_its_ipv4_address_everywhere(self) -> None:
         """A dual-stack listener's IPv4 clients get their own key in the upgrade and REST limits too, not one shared /64."""
-        from pocketbridge.gateway import client_ip
+        from pocketbridge.server.gateway.adapter import client_ip
 
         self.assertEqual(client_ip("::ffff:192.0.2.7", None, ()), "192.0.2.7")
         self.assertNotEqual(client_ip("::ffff:192.0.2.7", None, ()), client_ip("::ffff:192.0.2.8", None, ()))

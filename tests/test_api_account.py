@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from pocketbridge.api.jsstringify import stringify
+from pocketbridge.server.api.jsstringify import stringify
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server

@@ -2,7 +2,7 @@
 The admin routes (API.md §1.3 and §3): the admin key, node statistics,
 revoking and un-revoking a device, and draining a node.
 
-The drain mechanics (``pocketbridge.drain``) are unit-tested with a Clock
+The drain mechanics (``pocketbridge.server.cluster.drain``) are unit-tested with a Clock
 and fake sockets; everything else runs against a real server on SQLite and
 PostgreSQL, driven by the SDK.
 """
@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge import drain
+from pocketbridge.server.cluster import drain
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, make_server, start_server

@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge.api.auth import parse_authorization, signed_message
+from pocketbridge.server.api.auth import parse_authorization, signed_message
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse, authorization
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server

@@ -24,11 +24,11 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge.api.limits import LimitsFailureCounters, PairingBudgets, global_limit
-from pocketbridge.api.pairing import RecordSealer
+from pocketbridge.server.api.pairing_budget import LimitsFailureCounters, PairingBudgets, global_limit
+from pocketbridge.server.api.pairing import RecordSealer
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
-from pocketbridge.limits import LocalLimits
+from pocketbridge.server.cluster.limits import LocalLimits
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, create_database, start_server
 
 if TYPE_CHECKING:
@@ -513,7 +513,7 @@ class BudgetTests(SynchronousTestCase):
 
     def test_check_raises_429(self) -> None:
         """``check`` raises RATE_LIMITED with Retry-After when over budget."""
-        from pocketbridge.api.http import ApiError
+        from pocketbridge.server.api.http import ApiError
 
         budgets, _, _ = self.make(per_ip=1)
         self.fail_n(budgets, 1, "a")

@@ -17,11 +17,11 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from pocketbridge.bench.prefill import prefill
-from pocketbridge.events import NewEvent
-from pocketbridge.storage import Storage
-from pocketbridge.storage.postgres import PostgresStorage
-from pocketbridge.storage.sqlite import SQLiteStorage
-from pocketbridge.storage.sync import migrate_connection
+from pocketbridge.protocol.events import NewEvent
+from pocketbridge.server.storage import Storage
+from pocketbridge.server.storage.postgres import PostgresStorage
+from pocketbridge.server.storage.sqlite import SQLiteStorage
+from pocketbridge.server.storage.sync import migrate_connection
 from tests.harness import create_database, start_server
 from tests.test_bench_smoke import RAISED_LIMITS
 

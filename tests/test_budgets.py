@@ -20,12 +20,12 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge.api.http import ApiError
-from pocketbridge.api.limits import LimitsFailureCounters, PairingBudgets
+from pocketbridge.server.api.http import ApiError
+from pocketbridge.server.api.pairing_budget import LimitsFailureCounters, PairingBudgets
 from pocketbridge.client import Client, DeviceKeys
 from pocketbridge.client.pairing import Pake
 from pocketbridge.client.rest import RestClient, RestResponse
-from pocketbridge.limits import LocalLimits, RedisLimits
+from pocketbridge.server.cluster.limits import LocalLimits, RedisLimits
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, redis_url, require_redis, start_server
 
 if TYPE_CHECKING:

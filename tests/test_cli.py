@@ -1,6 +1,6 @@
 """
 End-to-end tests of ``pocketbridge-cli`` (docs/cli.md): the CLI runs as a
-subprocess (``python -m pocketbridge.cli``), the way users run it, against a
+subprocess (``python -m pocketbridge.cli.main``), the way users run it, against a
 real ``twistd pocketbridge`` process (``tests.harness``). The main flow
 (pair, send, watch, devices, revoke) runs on SQLite and PostgreSQL; the
 other cases on SQLite.
@@ -127,12 +127,12 @@ class CliTestMixin(_Base):
     def start_cli(self, *args: str, stdin: bytes = b"", env: Optional[Dict[str, str]] = None,
                   terminal: bool = False) -> CliProcess:
         """
-        Start ``python -m pocketbridge.cli ARGS`` with ``stdin`` as its whole
+        Start ``python -m pocketbridge.cli.main ARGS`` with ``stdin`` as its whole
         input, or with ``terminal`` on a pseudo-terminal (stdout and stderr
         both arrive as stdout; write answers with ``proto.process.write``).
         """
         proto = CliProcess()
-        argv = [sys.executable, "-m", "pocketbridge.cli", *args]
+        argv = [sys.executable, "-m", "pocketbridge.cli.main", *args]
         transport = reactor.spawnProcess(proto, sys.executable, argv, env=env or self.cli_env(), path=self.home(),
                                          usePTY=terminal)
         proto.process = transport

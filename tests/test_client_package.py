@@ -34,8 +34,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge import tap
-from pocketbridge.tap import SERVER_INSTALL_HINT, SERVER_MODULES
+from pocketbridge.server import tap
+from pocketbridge.server.tap import SERVER_INSTALL_HINT, SERVER_MODULES
 from tests.harness import start_server
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +54,8 @@ import importlib, importlib.metadata, importlib.util, pkgutil, sys
 import orjson
 dists, modules = orjson.loads(sys.argv[1])
 import pocketbridge, pocketbridge.client
-names = ["pocketbridge.cli", "pocketbridge.cli_commands", "pocketbridge.cli_pair", "pocketbridge.cli_support",
-         "pocketbridge.cli_watch", "pocketbridge.crypto", "pocketbridge.keys", "pocketbridge.wire"]
+names = ["pocketbridge.cli.main", "pocketbridge.cli.commands", "pocketbridge.cli.pair", "pocketbridge.cli.support",
+         "pocketbridge.cli.watch", "pocketbridge.protocol.crypto", "pocketbridge.server.keys", "pocketbridge.protocol.wire"]
 names += [m.name for m in pkgutil.walk_packages(pocketbridge.client.__path__, "pocketbridge.client.")]
 failed = {}
 for name in names:
@@ -251,7 +251,7 @@ class ClientOnlyInstall(TestCase):
 
 
 class MissingServerDependencies(SynchronousTestCase):
-    """``pocketbridge.tap.Options`` when a server module cannot be found, in this process."""
+    """``pocketbridge.server.tap.Options`` when a server module cannot be found, in this process."""
 
     def test_options_exit_with_one_line_naming_the_extra(self) -> None:
         """With a server module missing, parsing the options (even --help) writes one line naming the missing module and the install command, and exits 2."""

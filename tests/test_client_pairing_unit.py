@@ -42,7 +42,7 @@ from pocketbridge.client.rest import RestClient, RestResponse
 
 # The server's rule for encrypted_payload (PROTOCOL.md §6).
 SERVER_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-# What the mailbox accepts as a relayed message (pocketbridge/api/pairing_v2.py).
+# What the mailbox accepts as a relayed message (pocketbridge/server/api/pairing_v2.py).
 MAILBOX_TEXT = re.compile(r"^[A-Za-z0-9+/=_-]+$")
 
 

@@ -19,11 +19,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import crypto
-from pocketbridge.cli import build_parser
-from pocketbridge.cli_commands import cmd_keygen
-from pocketbridge.cli_support import CliError, describe
-from pocketbridge.cli_watch import render
+from pocketbridge.protocol import crypto
+from pocketbridge.cli.main import build_parser
+from pocketbridge.cli.commands import cmd_keygen
+from pocketbridge.cli.support import CliError, describe
+from pocketbridge.cli.watch import render
 from pocketbridge.client import (
     AckTracker,
     Client,

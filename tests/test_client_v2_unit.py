@@ -22,7 +22,7 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import crypto, wire
+from pocketbridge.protocol import crypto, wire
 from pocketbridge.client import (
     Client,
     ConnectionClosed,
@@ -40,7 +40,7 @@ from pocketbridge.client import (
     server_address,
 )
 from pocketbridge.client.testing import LoopbackEndpoint
-from pocketbridge.handshake import ServerHandshake
+from pocketbridge.server.gateway.handshake import ServerHandshake
 
 # PROTOCOL.md §13
 V = {

@@ -590,8 +590,8 @@ class ClusterTests(TestCase):
         """Two nodes running the TTL job every second delete each expired row once: the rows are gone, stored bytes drop by exactly their size and the nodes' row counts add up to the number of rows."""
         import psycopg2
 
-        from pocketbridge.events import NewEvent
-        from pocketbridge.storage.postgres import PostgresStorage
+        from pocketbridge.protocol.events import NewEvent
+        from pocketbridge.server.storage.postgres import PostgresStorage
 
         db = create_database(self)
         # A real handshake registers the user and the device (jobs still at the default 60 s).

@@ -17,15 +17,17 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import metrics, wire
+from pocketbridge.server import metrics
+
+from pocketbridge.protocol import wire
 from pocketbridge.client.handshake import V1Handshake, V2Handshake
 from pocketbridge.client.keys import Identity
-from pocketbridge.connection import (
+from pocketbridge.server.gateway.connection import (
     HANDSHAKE, TRANSITIONS, ConnectionMachine, Input, InvalidTransition, State,
 )
-from pocketbridge.gateway import GatewayProtocol, make_factory
-from pocketbridge.hub import LocalBus
-from pocketbridge.storage import DeviceState
+from pocketbridge.server.gateway.adapter import GatewayProtocol, make_factory
+from pocketbridge.server.fanout.hub import LocalBus
+from pocketbridge.server.storage import DeviceState
 from tests.conn_fakes import (
     DEVICE, UPGRADE, FakeStorage, FakeTCP, client_frame, close_code, connect, make_node, server_frames, text,
 )
@@ -338,7 +340,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
 
     def test_storage_error_while_admitting_closes_1013(self) -> None:
         """ADMITTING -> CLOSING: storage unavailable on the device read closes 1013."""
-        from pocketbridge.storage import StorageUnavailable
+        from pocketbridge.server.storage import StorageUnavailable
 
         proto, tcp, _ = self.to_admitting()
         self.storage.device_reads[0].errback(StorageUnavailable("down"))

@@ -13,9 +13,9 @@ from typing import Any, Dict
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import crypto
-from pocketbridge.handshake import ServerHandshake
-from pocketbridge.wire import ProtocolError
+from pocketbridge.protocol import crypto
+from pocketbridge.server.gateway.handshake import ServerHandshake
+from pocketbridge.protocol.wire import ProtocolError
 
 # Inputs (§13).
 CLIENT_SEED = b"\x11" * 32
@@ -81,7 +81,7 @@ def _th() -> bytes:
 
 
 class VectorTests(SynchronousTestCase):
-    """The pure functions of ``pocketbridge.crypto`` reproduce every §13 value."""
+    """The pure functions of ``pocketbridge.protocol.crypto`` reproduce every §13 value."""
 
     def test_user_id(self) -> None:
         """The client seed 11×32 gives the §13 user_id."""

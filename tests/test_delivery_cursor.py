@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge.delivery import V1Tracker
+from pocketbridge.server.gateway.delivery import V1Tracker
 
 
 def live(tracker: V1Tracker, seq: int, device_seq: int) -> None:

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client import Identity, V1Handshake, V2Handshake
-from pocketbridge.events import B64_RE, MAX_DEVICE_SEQ, STREAM_RE, TYPE_RE, Checked, Verdict, check_event
-from pocketbridge.handshake import AuthRequest, ServerHandshake
-from pocketbridge.wire import Malformed, ProtocolError, is_uuid, parse_message
+from pocketbridge.protocol.events import B64_RE, MAX_DEVICE_SEQ, STREAM_RE, TYPE_RE, Checked, Verdict, check_event
+from pocketbridge.server.gateway.handshake import AuthRequest, ServerHandshake
+from pocketbridge.protocol.wire import Malformed, ProtocolError, is_uuid, parse_message
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

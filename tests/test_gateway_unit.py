@@ -14,7 +14,9 @@ from typing import Any, List
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import metrics, wire
+from pocketbridge.server import metrics
+
+from pocketbridge.protocol import wire
 from tests.conn_fakes import (
     OTHER, USER, authenticate, client_frame, close_code, connect, make_node, server_frames, stored, text,
 )

@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge.events import StoredEvent
-from pocketbridge.hub import DeliveryHub
-from pocketbridge.redisbus import RedisBus, _Subscriber
+from pocketbridge.protocol.events import StoredEvent
+from pocketbridge.server.fanout.hub import DeliveryHub
+from pocketbridge.server.fanout.redisbus import RedisBus, _Subscriber
 
 USER = "a" * 64
 DEV_A = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
@@ -128,8 +128,8 @@ class HubTests(SynchronousTestCase):
         from twisted.internet.defer import fail
         from twisted.logger import Logger
 
-        from pocketbridge import hub as hub_module
-        from pocketbridge.storage import StorageUnavailable
+        from pocketbridge.server.fanout import hub as hub_module
+        from pocketbridge.server.storage import StorageUnavailable
 
         events: List[Any] = []
         self.patch(hub_module, "log", Logger(observer=events.append))

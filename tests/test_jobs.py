@@ -14,12 +14,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
 
-from pocketbridge.config import Settings
-from pocketbridge.events import NewEvent
-from pocketbridge.jobs import Jobs
-from pocketbridge.presence import LocalPresence
-from pocketbridge.storage.postgres import PostgresStorage
-from pocketbridge.storage.sqlite import SQLiteStorage
+from pocketbridge.server.config import Settings
+from pocketbridge.protocol.events import NewEvent
+from pocketbridge.server.cluster.jobs import Jobs
+from pocketbridge.server.cluster.presence import LocalPresence
+from pocketbridge.server.storage.postgres import PostgresStorage
+from pocketbridge.server.storage.sqlite import SQLiteStorage
 from tests.services import create_database, require_postgres
 
 DAY_MS = 86_400_000
@@ -124,7 +124,7 @@ class JobsPostgres(JobCases, TestCase):
         other = PostgresStorage(self.db.url)
         await other.start()
         self.addCleanup(other.close)
-        from pocketbridge import metrics
+        from pocketbridge.server import metrics
 
         counter = metrics.JOB_ROWS.labels(job="event_ttl")
         before = counter._value.get()

@@ -1,5 +1,5 @@
 """
-Unit tests of ``pocketbridge.api.jsstringify`` and of the v1 body signature
+Unit tests of ``pocketbridge.server.api.jsstringify`` and of the v1 body signature
 built on it (API.md §3, User). Every expected string was produced by
 Node.js (``JSON.stringify(JSON.parse(input))``, ``Date.prototype.toISOString``,
 ``crypto.sign``), so these tests pin the server to what browsers produce.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import orjson
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import crypto
-from pocketbridge.api.account import ONBOARDING_SUBJECT, body_signature_message, profile_subject
-from pocketbridge.api.jsstringify import number_to_string, stringify, to_iso_string
-from pocketbridge.wire import parse_json
+from pocketbridge.protocol import crypto
+from pocketbridge.server.api.account import ONBOARDING_SUBJECT, body_signature_message, profile_subject
+from pocketbridge.server.api.jsstringify import number_to_string, stringify, to_iso_string
+from pocketbridge.protocol.wire import parse_json
 
 # PROTOCOL.md §13: the user key with seed 11×32.
 USER_ID = "d04ab232742bb4ab3a1368bd4615e4e6d0224ab71a016baf8520a332c9778737"

@@ -12,10 +12,10 @@ from typing import Dict, Optional
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import config
-from pocketbridge.config import ConfigError, resolve
-from pocketbridge.keys import KEY_FILE, load_server_key
-from pocketbridge.ratelimit import BucketMap, TokenBucket
+from pocketbridge.server import config
+from pocketbridge.server.config import ConfigError, resolve
+from pocketbridge.server.keys import KEY_FILE, load_server_key
+from pocketbridge.server.buckets import BucketMap, TokenBucket
 
 SERVER_SEED_HEX = "22" * 32
 SERVER_PUB_HEX = "a09aa5f47a6759802ff955f8dc2d2a14a5c99d23be97f864127ff9383455a4f0"

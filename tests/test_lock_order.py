@@ -20,9 +20,9 @@ from typing import Dict, List, Tuple
 from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
 
-from pocketbridge.events import NewEvent
-from pocketbridge.storage import Storage, StorageUnavailable
-from pocketbridge.storage.postgres import PostgresStorage
+from pocketbridge.protocol.events import NewEvent
+from pocketbridge.server.storage import Storage, StorageUnavailable
+from pocketbridge.server.storage.postgres import PostgresStorage
 from tests.harness import create_database
 
 NOW = 1_700_000_000_000

@@ -28,11 +28,11 @@ from typing import Any, Iterator, List, Sequence, Tuple
 from twisted.trial.unittest import SynchronousTestCase
 
 from pocketbridge.bench.prefill import prefill_postgres, prefill_sqlite
-from pocketbridge.events import NewEvent
-from pocketbridge.storage import Storage
-from pocketbridge.storage.postgres import PostgresStorage
-from pocketbridge.storage.sqlite import SQLiteStorage
-from pocketbridge.storage.sync import migrate_connection
+from pocketbridge.protocol.events import NewEvent
+from pocketbridge.server.storage import Storage
+from pocketbridge.server.storage.postgres import PostgresStorage
+from pocketbridge.server.storage.sqlite import SQLiteStorage
+from pocketbridge.server.storage.sync import migrate_connection
 from tests.harness import create_database
 
 NOW = 1_700_000_000_000

@@ -12,11 +12,11 @@ from typing import Any, List, Optional, Tuple
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import wire
-from pocketbridge.drain import start_drain
-from pocketbridge.events import relay_payload
-from pocketbridge.session import Session
-from pocketbridge.storage import Outcome
+from pocketbridge.protocol import wire
+from pocketbridge.server.cluster.drain import start_drain
+from pocketbridge.protocol.events import relay_payload
+from pocketbridge.server.gateway.session import Session
+from pocketbridge.server.storage import Outcome
 from tests.conn_fakes import DEVICE, USER, make_node, stored
 
 

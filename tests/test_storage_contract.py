@@ -17,14 +17,14 @@ import orjson
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pocketbridge.config import resolve
-from pocketbridge.events import NewEvent, Verdict, check_event, relay_payload
-from pocketbridge.storage import Outcome, Storage, StorageUnavailable
+from pocketbridge.server.config import resolve
+from pocketbridge.protocol.events import NewEvent, Verdict, check_event, relay_payload
+from pocketbridge.server.storage import Outcome, Storage, StorageUnavailable
 
-from pocketbridge.storage import migrations  # noqa: E402
-from pocketbridge.storage.postgres import PostgresStorage  # noqa: E402
-from pocketbridge.storage.sqlite import SQLiteStorage  # noqa: E402
-from pocketbridge.storage.sync import migrate_now  # noqa: E402
+from pocketbridge.server.storage import migrations  # noqa: E402
+from pocketbridge.server.storage.postgres import PostgresStorage  # noqa: E402
+from pocketbridge.server.storage.sqlite import SQLiteStorage  # noqa: E402
+from pocketbridge.server.storage.sync import migrate_now  # noqa: E402
 from tests.harness import PostgresDatabase, create_database, require_postgres  # noqa: E402
 
 NOW = 1_700_000_000_000

@@ -31,14 +31,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from pocketbridge import metrics
-from pocketbridge.api import http as api_http
-from pocketbridge.api.http import Api, LimitedRequest
-from pocketbridge.config import resolve
-from pocketbridge.limits import LocalLimits
-from pocketbridge.storage import StorageUnavailable
-from pocketbridge.storage import base as storage_base
-from pocketbridge.storage.sqlite import SQLiteStorage
+from pocketbridge.server import metrics
+from pocketbridge.server.api import http as api_http
+from pocketbridge.server.api.http import Api, LimitedRequest
+from pocketbridge.server.config import resolve
+from pocketbridge.server.cluster.limits import LocalLimits
+from pocketbridge.server.storage import StorageUnavailable
+from pocketbridge.server.storage import base as storage_base
+from pocketbridge.server.storage.sqlite import SQLiteStorage
 
 
 class SyncPool:

@@ -26,7 +26,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client import (
     Client,
     ConnectionClosed,

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge import wire
-from pocketbridge.events import TTL_GRACE_MS, Verdict, check_event
-from pocketbridge.wire import Malformed, int_in, is_int, parse_json, parse_message
+from pocketbridge.protocol import wire
+from pocketbridge.protocol.events import TTL_GRACE_MS, Verdict, check_event
+from pocketbridge.protocol.wire import Malformed, int_in, is_int, parse_json, parse_message
 
 USER = "d04ab232742bb4ab3a1368bd4615e4e6d0224ab71a016baf8520a332c9778737"
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"

@@ -15,9 +15,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pocketbridge.events import NewEvent, StoredEvent
-from pocketbridge.storage import Outcome, StorageUnavailable
-from pocketbridge.writer import EventWriter
+from pocketbridge.protocol.events import NewEvent, StoredEvent
+from pocketbridge.server.storage import Outcome, StorageUnavailable
+from pocketbridge.server.writer import EventWriter
 
 USER = "d04ab232742bb4ab3a1368bd4615e4e6d0224ab71a016baf8520a332c9778737"
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"

@@ -18,8 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pocketbridge.client.reconnect import ReconnectingClient, RetryPolicy
-from pocketbridge.storage import Outcome, StorageUnavailable
-from pocketbridge.writer import EventWriter
+from pocketbridge.server.storage import Outcome, StorageUnavailable
+from pocketbridge.server.writer import EventWriter
 from tests import test_client_unit as loopback
 from tests.test_writer import FakeStorage, new_event, stored
 
@@ -33,7 +33,7 @@ class LogCapture:
         case.addCleanup(globalLogPublisher.removeObserver, self)
 
     def __call__(self, event: Dict[str, Any]) -> None:
-        if event.get("log_namespace") == "pocketbridge.writer":
+        if event.get("log_namespace") == "pocketbridge.server.writer":
             self.events.append(event)
 
 
@@ -209,12 +209,12 @@ class StorageOutageLogTests(SynchronousTestCase):
 
     def test_outage_logs_once_per_kind_of_call(self) -> None:
         """500 failing commits and 500 failing handshake reads give 2 warnings, not 1,000; each still fails StorageUnavailable."""
-        from pocketbridge.storage.base import Storage
+        from pocketbridge.server.storage.base import Storage
 
         captured: List[Dict[str, Any]] = []
 
         def observe(event: Dict[str, Any]) -> None:
-            if event.get("log_namespace") == "pocketbridge.storage.base":
+            if event.get("log_namespace") == "pocketbridge.server.storage.base":
                 captured.append(event)
 
         globalLogPublisher.addObserver(observe)

@@ -23,7 +23,7 @@ def main() -> None:
     """The ``pocketbridge-bench`` entry point: refuse in one line without the server extra, then run."""
     import sys
 
-    from pocketbridge.tap import SERVER_INSTALL_HINT, missing_server_modules
+    from pocketbridge.server.tap import SERVER_INSTALL_HINT, missing_server_modules
 
     missing = missing_server_modules()
     if missing:

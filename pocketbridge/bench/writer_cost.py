@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional
 
 from pocketbridge.bench.prefill import is_postgres, sqlite_path
 from pocketbridge.bench.stats import latency_summary
-from pocketbridge.events import NewEvent
-from pocketbridge.storage import Storage
+from pocketbridge.protocol.events import NewEvent
+from pocketbridge.server.storage import Storage
 
 
 def _open(database: str) -> Any:
@@ -34,10 +34,10 @@ def _open(database: str) -> Any:
     if is_postgres(database):
         import psycopg2
 
-        from pocketbridge.storage.postgres import PostgresStorage
+        from pocketbridge.server.storage.postgres import PostgresStorage
 
         return PostgresStorage(database), psycopg2.connect(database)
-    from pocketbridge.storage.sqlite import SQLiteStorage
+    from pocketbridge.server.storage.sqlite import SQLiteStorage
 
     path = sqlite_path(database)
     conn = sqlite3.connect(path, isolation_level=None)

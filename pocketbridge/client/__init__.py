@@ -38,7 +38,7 @@ from pocketbridge.client.reconnect import (
     RetryPolicy,
     parse_retry_after,
 )
-from pocketbridge.client.session import AUTO, DEFAULT_PROTOCOL_VERSION, OMIT, Client
+from pocketbridge.client.client import AUTO, DEFAULT_PROTOCOL_VERSION, OMIT, Client
 from pocketbridge.client.v2 import EventRejected
 
 __all__ = [

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client._util import WaitQueue
 
 log = Logger()

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client._util import is_wire_int
 from pocketbridge.client.connection import V2Codec
 from pocketbridge.client.keys import Identity

@@ -25,7 +25,7 @@ import orjson
 from nacl.signing import SigningKey
 from twisted.logger import Logger
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client._util import MAX_DEVICE_SEQ, is_wire_int
 
 log = Logger()

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from pocketbridge.client.connection import ABNORMAL_CLOSE, ConnectionClosed
 from pocketbridge.client.handshake import HandshakeError, ServerKeyChanged
-from pocketbridge.client.session import Client
+from pocketbridge.client.client import Client
 from pocketbridge.client.v2 import SeenEvents
 
 log = Logger()

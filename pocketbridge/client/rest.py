@@ -12,7 +12,7 @@ import orjson
 import treq
 from twisted.web.http_headers import Headers
 
-from pocketbridge.crypto import signed_message
+from pocketbridge.protocol.crypto import signed_message
 
 
 def authorization(identity: Any, device_id: str, method: str, path: str, body: bytes, ts_ms: Optional[int] = None) -> str:

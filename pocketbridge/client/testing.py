@@ -28,7 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.test import iosim
 from zope.interface import implementer
 
-from pocketbridge import crypto
+from pocketbridge.protocol import crypto
 from pocketbridge.client.connection import RawConnection
 
 SERVER_SEED = bytes([0x22]) * 32

@@ -1,10 +1,10 @@
-"""The ``twistd pocketbridge`` plugin. Everything else lives in pocketbridge.tap."""
+"""The ``twistd pocketbridge`` plugin. Everything else lives in pocketbridge.server.tap."""
 
 from twisted.application.service import ServiceMaker
 
 pocketbridge = ServiceMaker(
     "PocketBridge",
-    "pocketbridge.tap",
+    "pocketbridge.server.tap",
     "Real-time, end-to-end encrypted sync server",
     "pocketbridge",
 )

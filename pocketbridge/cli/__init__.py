@@ -1,0 +1,1 @@
+"""The command-line tools: ``pocketbridge-cli`` and ``pocketbridge-admin``."""

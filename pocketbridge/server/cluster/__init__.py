@@ -1,0 +1,1 @@
+"""What nodes share in the cluster shape: presence, limits, jobs and draining."""

@@ -1,0 +1,172 @@
+"""
+The per-node context every session shares: settings, storage, writer, hub,
+limits, presence and the delivery-cursor book. Built once in ``tap.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from pocketbridge.server import metrics
+
+from pocketbridge.protocol import wire
+from pocketbridge.server.config import Settings, trusted_proxy_set
+from pocketbridge.server.fanout.hub import DeliveryHub
+from pocketbridge.server.cluster.limits import LocalLimits
+from pocketbridge.server.cluster.presence import LocalPresence
+from pocketbridge.server.buckets import BucketMap
+from pocketbridge.server.storage import Storage
+from pocketbridge.server.writer import EventWriter
+
+log = Logger()
+
+
+class CursorBook:
+    """
+    Batches ``delivered_seq`` writes: at most every ``interval`` seconds, on
+    disconnect and at shutdown, always as GREATEST(stored, new) in SQL.
+    """
+
+    def __init__(self, storage: Storage, clock: IReactorTime, interval: float, now_ms: Callable[[], int]) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.now_ms = now_ms
+        self.dirty: Dict[Tuple[str, str], int] = {}
+        self.loop = LoopingCall(self.flush)
+        self.loop.clock = clock
+        self.interval = interval
+
+    def start(self) -> None:
+        """Begin periodic flushing."""
+        self.loop.start(self.interval, now=False).addErrback(lambda f: log.failure("cursor loop", f))
+
+    def stop(self) -> "Deferred[None]":
+        """Stop the loop and write what is pending."""
+        if self.loop.running:
+            self.loop.stop()
+        return self.flush()
+
+    def update(self, user_id: str, device_id: str, seq: int) -> None:
+        """Remember that the device has everything up to ``seq``."""
+        key = (user_id, device_id)
+        if seq > self.dirty.get(key, -1):
+            self.dirty[key] = seq
+
+    def flush(self) -> "Deferred[None]":
+        """Write the pending cursors now."""
+        if not self.dirty:
+            return succeed(None)
+        batch, self.dirty = self.dirty, {}
+        metrics.CURSOR_WRITES.inc(len(batch))
+        d = self.storage.update_cursors(batch, self.now_ms())
+
+        def failed(f: Any) -> None:
+            log.warn("cursor write failed, will retry: {error}", error=f.getErrorMessage())
+            for key, seq in batch.items():
+                if seq > self.dirty.get(key, -1):
+                    self.dirty[key] = seq
+
+        d.addErrback(failed)
+        return d
+
+
+class Node:
+    """Everything a gateway connection needs from its node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        writer: EventWriter,
+        hub: DeliveryHub,
+        clock: IReactorTime,
+        server_key: Any,
+        node_id: str,
+        rng: Optional[random.Random] = None,
+        presence: Any = None,
+        limits: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.writer = writer
+        self.hub = hub
+        self.clock = clock
+        self.server_key = server_key
+        self.node_id = node_id
+        self.rng = rng or random.SystemRandom()
+        self.cursors = CursorBook(storage, clock, settings.cursor_flush_interval, self.now_ms)
+        self.presence = presence if presence is not None else LocalPresence()
+        now = clock.seconds
+        s = settings
+        self.device_events: BucketMap[Tuple[str, str]] = BucketMap(s.events_per_device_rate, s.events_per_device_burst, now)
+        self.user_events: BucketMap[str] = BucketMap(s.events_per_user_rate, s.events_per_user_burst, now)
+        self.user_bytes: BucketMap[str] = BucketMap(s.bytes_per_user_rate, s.bytes_per_user_burst, now)
+        # Limits every node shares (Redis in a cluster): connections and handshake
+        # failures per IP, the REST budget, pairing failures, the replay cache.
+        self.limits: Any = limits if limits is not None else LocalLimits(now)
+        self.trusted_proxies = trusted_proxy_set(settings)
+        self.connections: Set[Any] = set()
+        self.draining = False
+        self.started_at = clock.seconds()
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds from the injected clock."""
+        return int(self.clock.seconds() * 1000)
+
+    def sweep(self) -> None:
+        """Drop idle rate-limit state (called periodically)."""
+        for m in (self.device_events, self.user_events, self.user_bytes, self.limits):
+            m.sweep()
+
+    def announce_presence(
+        self, user_id: str, device_id: str, name: Optional[str], dtype: str, online: bool, now: int
+    ) -> None:
+        """Tell the user's other devices that a device came online or went offline (§10)."""
+        self.notify(user_id, "device_status_changed", {
+            "type": "device_status_changed", "user_id": user_id, "device_id": device_id,
+            "device_name": name, "device_type": dtype, "is_online": online, "timestamp": now,
+        }, exclude_device=device_id)
+
+    # Effects that must reach every node. In the embedded shape the bus is
+    # in-process; the Redis bus carries the same messages on its control channel.
+
+    def broadcast(self, message: Dict[str, Any]) -> None:
+        """Send a control message to every node (this one included)."""
+        self.hub.bus.publish_control(message)
+
+    def on_control(self, message: Dict[str, Any]) -> None:
+        """Apply a control message on this node."""
+        kind = message.get("kind")
+        if kind == "resync":
+            self.hub.resync_all()
+            return
+        user = message.get("user_id")
+        if not isinstance(user, str):
+            return
+        if kind == "revoke":
+            device = message.get("device_id")
+            notice = wire.encode("device_revoked", {
+                "type": "device_revoked", "device_id": device, "reason": message.get("reason", "revoked"),
+                "timestamp": message.get("timestamp"),
+            })
+            self.hub.close_device(user, device, 4003, "Device revoked", notice)
+        elif kind == "delete_user":
+            self.hub.close_device(user, None, 4003, "Account deleted", None)
+            self.hub.forget_user(user)
+        elif kind == "notice":
+            self.hub.notify_user(user, message["type"], message["payload"], exclude_device=message.get("exclude_device"))
+
+    def notify(self, user_id: str, msg_type: str, payload: Dict[str, Any], exclude_device: Optional[str] = None) -> None:
+        """A notice to every socket of the user on every node."""
+        self.broadcast({"kind": "notice", "user_id": user_id, "type": msg_type, "payload": payload,
+                        "exclude_device": exclude_device})
+
+    def sessions_of(self, user_id: str) -> List[Any]:
+        """This node's authenticated sessions of a user."""
+        return self.hub.sinks(user_id)

@@ -1,0 +1,239 @@
+"""
+Admission of a WebSocket client (PROTOCOL.md §4, §12): the per-IP limits
+at the upgrade, the handshake-failure token, and what a valid ``client_auth``
+leads to (revocation, socket limits, the session, registration, presence,
+``session_established`` and the notices).
+
+Not to be confused with ``pocketbridge.server.accept`` (TCP accept and HTTP
+deadlines, before any WebSocket exists). The gateway drives this module
+through the ``Gate`` it passes in; nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Dict, Optional, Protocol, Tuple, Type
+
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from pocketbridge.server import metrics
+
+from pocketbridge.protocol import wire
+from pocketbridge.server.gateway.handshake import AuthRequest
+from pocketbridge.server.gateway.session import Conn, Session
+from pocketbridge.server.gateway.session_v2 import V2Session
+
+log = Logger()
+
+#: The session type of each protocol version (PROTOCOL.md §4.1).
+SESSION_TYPES: Dict[int, Type[Session]] = {1: Session, 2: V2Session}
+
+
+def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
+    """
+    The client's address (PROTOCOL.md §12): the peer unless it is a trusted
+    proxy; IPv6 by /64, except an IPv4-mapped address (a dual-stack
+    listener), which is its IPv4 address (all of them share one /64).
+    """
+    ip = peer_host
+    if forwarded_for and peer_host in trusted:
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if hop not in trusted:
+                ip = hop
+                break
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(str(addr) + "/64", strict=False))
+    return ip
+
+
+class FailureToken:
+    """
+    The handshake-failure budget of one connection (§12): one token is
+    reserved at the upgrade, spent if the client fails the handshake and
+    given back otherwise, so concurrent handshakes never overshoot the budget.
+    """
+
+    def __init__(self, limits: Any, ip: str, failures_per_minute: int) -> None:
+        self.limits = limits
+        self.ip = ip
+        self.budget: Tuple[float, float] = (failures_per_minute / 60.0, float(failures_per_minute))
+        self.held = False
+
+    async def reserve(self) -> float:
+        """Take a token; the seconds to wait when none is left (0 when one is held now)."""
+        wait: float = await self.limits.take("hs_fail", self.ip, *self.budget)
+        self.held = wait <= 0
+        return wait
+
+    def spend(self) -> None:
+        """The client failed the handshake: the reserved token is spent (or one is charged)."""
+        if self.held:
+            self.held = False
+            return
+        self.limits.charge("hs_fail", self.ip, *self.budget).addErrback(
+            lambda f: log.warn("could not count a handshake failure: {e}", e=f.getErrorMessage()))
+
+    def give_back(self) -> None:
+        """The handshake succeeded or ended without a client failure: refund the token, once."""
+        if self.held:
+            self.held = False
+            self.limits.refund("hs_fail", self.ip, *self.budget).addErrback(
+                lambda f: log.warn("could not refund a handshake token: {e}", e=f.getErrorMessage()))
+
+
+async def check_upgrade(node: Any, ip: str, token: FailureToken) -> float:
+    """
+    The per-IP limits, shared by all nodes; run before the upgrade is
+    answered. Raises ``ConnectionDeny(429)`` past the connection rate;
+    returns the seconds until a handshake-failure token is free (0: one is
+    held), in which case the gateway closes 4029 right after the upgrade.
+    """
+    s = node.settings
+    if await node.limits.take("conn_ip", ip, s.conn_per_ip_rate, s.conn_per_ip_burst) > 0:
+        metrics.LIMIT_HITS.labels(limit="connections_per_ip").inc()
+        raise ConnectionDeny(429, "Too many connections")
+    return await token.reserve()
+
+
+class Gate(Protocol):
+    """What admission asks of the connection."""
+
+    def ended(self) -> bool:
+        """True once the connection is closing or gone: admission stops."""
+
+    def fail(self, code: int, reason: str, result: str) -> None:
+        """A handshake failure the client caused (charged to its budget)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close without charging the failure budget (limits)."""
+
+    def attached(self, session: Session) -> None:
+        """The session takes over the frames (queued ones first)."""
+
+    def established(self, session: Session, frame: bytes, age: float, expires_at: int) -> None:
+        """Send ``session_established``; the session is live for ``age`` seconds."""
+
+
+async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id: str) -> None:
+    """
+    A valid ``client_auth`` arrived: check the device and the socket limits,
+    attach the session, register the device and read the head, then go
+    live. Stops (without a word) as soon as the connection is ending.
+    Storage errors propagate (the gateway closes 1013).
+    """
+    s = node.settings
+    storage = node.storage
+    device = await storage.get_device(auth.user_id, auth.device_id)
+    if gate.ended():
+        return
+    if device is not None and device.revoked_at is not None:
+        gate.fail(4003, "Device revoked", "revoked")
+        return
+    presence = node.presence
+    try:
+        device_sockets, user_sockets = await presence.counts(auth.user_id, auth.device_id)
+    except Exception as e:  # presence store down: admit (limits are best effort)
+        log.warn("presence unavailable, socket limits not checked: {error}", error=str(e))
+        device_sockets = user_sockets = 0
+    if gate.ended():
+        return
+    limited = _socket_limit(s, device_sockets, user_sockets)
+    if limited is not None:
+        metrics.LIMIT_HITS.labels(limit=limited[0]).inc()
+        metrics.HANDSHAKES.labels(result="limited").inc()
+        gate.close(4029, limited[1])
+        return
+    now = node.now_ms()
+    session = SESSION_TYPES[auth.protocol_version](
+        node, conn, auth.user_id, auth.device_id, session_id, auth.protocol_version,
+        auth.device_name, auth.device_type,
+    )
+    # Subscribe first, then read the head (§7.3): whatever commits after the
+    # head read reaches this session live. ``subscribed`` fires once the bus
+    # listens for the user (Redis confirmed the SUBSCRIBE).
+    subscribed = node.hub.attach(session)
+    gate.attached(session)
+    await subscribed
+    if gate.ended():
+        return
+    device, created, head, purged_below = await storage.register_and_read_head(
+        auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
+    if gate.ended():
+        return
+    if device.revoked_at is not None:  # revoked between the two reads
+        gate.fail(4003, "Device revoked", "revoked")
+        return
+    # Name and type are those stored at registration (§4.4), not this handshake's.
+    session.device_name, session.device_type = device.name, device.type
+    try:
+        online = await presence.add(auth.user_id, auth.device_id, session_id, now)
+    except Exception as e:
+        log.warn("presence unavailable: {error}", error=str(e))
+        online = False
+    if gate.ended():
+        return
+    node.hub.known_head(auth.user_id, head)
+    age = s.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))
+    expires_at = now + int(age * 1000)
+    gate.established(session, wire.encode("session_established", {
+        "type": "session_established",
+        "device_id": auth.device_id,
+        "last_ack_device_seq": device.last_device_seq,
+        "expires_at": expires_at,
+        "session_id": session_id,
+        "protocol_version": auth.protocol_version,
+        "server_time": node.now_ms(),
+    }), age, expires_at)
+    log.debug("session {session_id} established (v{version}, new device: {created})",
+              session_id=session_id, version=auth.protocol_version, created=created)
+    if online:
+        node.announce_presence(auth.user_id, auth.device_id, device.name, device.type, True, now)
+    if created:
+        node.notify(auth.user_id, "device_paired", {
+            "type": "device_paired", "device_id": auth.device_id, "device_name": device.name,
+            "device_type": device.type, "timestamp": now,
+        }, exclude_device=auth.device_id)
+    session.established(head, device.delivered_seq, device.last_device_seq, auth.resume_from, purged_below)
+
+
+def _socket_limit(s: Any, device_sockets: int, user_sockets: int) -> Optional[Tuple[str, str]]:
+    """(limit name, close reason) when a socket limit is reached (§12)."""
+    if device_sockets >= s.sockets_per_device:
+        return "sockets_per_device", "Too many sockets for this device; retry after 30 s"
+    if user_sockets >= s.sockets_per_user:
+        return "sockets_per_user", "Too many sockets for this user; retry after 30 s"
+    return None
+
+
+def depart(node: Any, session: Session, session_id: str) -> None:
+    """
+    The connection of an attached session is gone: write the cursor, stop
+    routing to it, and when it was the device's last socket persist
+    ``last_seen`` and then tell the other devices it went offline.
+    """
+    session.lost()
+    node.hub.detach(session)
+    node.cursors.flush()
+    d = node.presence.remove(session.user_id, session.device_id, session_id)
+    d.addCallback(_removed, node, session)
+    d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
+
+
+def _removed(offline: bool, node: Any, session: Session) -> None:
+    if not offline:
+        return
+    now = node.now_ms()
+    # Persist last_seen first, then tell the other devices (a REST read after
+    # the notice sees the new value).
+    d = node.storage.touch_device(session.user_id, session.device_id, now)
+    d.addErrback(lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
+    d.addCallback(lambda _: node.announce_presence(
+        session.user_id, session.device_id, session.device_name, session.device_type, False, now))
