@@ -31,9 +31,9 @@ from pocketbridge.cli.support import (
 )
 from pocketbridge.client import DeviceKeys, EventRejected
 from pocketbridge.client.payload import PayloadKey
+from pocketbridge.protocol.wire import is_uuid
 
-_UUID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$")
-_ID_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+_ID_PREFIX = re.compile(r"^[0-9a-f-]{4,36}\Z")
 
 
 # ---------------------------------------------------------------- keygen
@@ -155,7 +155,7 @@ async def cmd_devices(reactor: Any, args: argparse.Namespace, out: TextIO) -> in
 async def resolve_device(api: Api, given: str) -> str:
     """A full device id from a full id or a unique prefix of one (of the user's devices, revoked included)."""
     wanted = given.strip().lower()
-    if _UUID.match(wanted):
+    if is_uuid(wanted):
         return wanted
     if not _ID_PREFIX.match(wanted):
         raise UsageError("{!r} is not a device id (a UUID, or at least its first 4 characters)".format(given))

@@ -15,12 +15,11 @@ from pocketbridge.protocol import crypto
 from pocketbridge.server import metrics
 from pocketbridge.protocol.crypto import signed_message
 from pocketbridge.server.storage.q_replay import StorageReplayCache
-from pocketbridge.protocol.wire import HEX64_RE, is_uuid
+from pocketbridge.protocol.wire import HEX64_RE, HEX128_RE, is_uuid
 from pocketbridge.server.api.http import ApiError
 
 PARAM_RE = re.compile(r"^\s*([a-z]+)=([^,\s]*)\s*\Z")
 TS_RE = re.compile(r"^[0-9]{1,16}\Z")
-HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}\Z")
 
 
 @dataclass(frozen=True)

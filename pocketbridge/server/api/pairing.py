@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import re
 from typing import Any, Optional, Tuple
 
 import orjson
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.logger import Logger
 
+from pocketbridge.protocol.wire import PAIRING_CODE_RE
 from pocketbridge.server import metrics
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object
@@ -33,7 +33,6 @@ from pocketbridge.server.api.pairing_budget import budgets_for
 
 log = Logger()
 
-CODE_RE = re.compile(r"[0-9]{6}")
 MAX_DATA_BYTES = 16 * 1024
 KIND_V1 = "v1"
 SEAL_VERSION = b"\x01"
@@ -43,7 +42,7 @@ NOT_FOUND_MESSAGE = "Pairing code not found or expired"
 
 def is_code(value: Any) -> bool:
     """True for a string of exactly six ASCII digits."""
-    return isinstance(value, str) and CODE_RE.fullmatch(value) is not None
+    return isinstance(value, str) and PAIRING_CODE_RE.match(value) is not None
 
 
 class RecordSealer:

@@ -17,13 +17,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet.task import deferLater
 
+from pocketbridge.protocol.wire import PAIRING_CODE_RE, TOKEN_RE
 from pocketbridge.server import metrics
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object, query_arg, query_int
 from pocketbridge.server.api.pairing_budget import budgets_for
 
-CODE_RE = re.compile(r"^[0-9]{6}\Z")
-TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")
 B64_TEXT_RE = re.compile(r"^[A-Za-z0-9+/=_-]+\Z")
 MAX_MSG = 16 * 1024
 POLL_SECONDS = 0.5  # long-polls re-check storage at least this often (and wake on notices)
@@ -52,7 +51,7 @@ class MailboxRoutes:
         return hmac.new(self.code_secret, code.encode("ascii"), hashlib.sha256).hexdigest()
 
     def _code(self, code: str) -> str:
-        if not CODE_RE.match(code):
+        if not PAIRING_CODE_RE.match(code):
             raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
         return code
 
@@ -72,7 +71,7 @@ class MailboxRoutes:
     async def create(self, request: Any, caller: Caller) -> Tuple[int, Any]:
         body = body_object(request)
         code = body.get("code")
-        if not isinstance(code, str) or not CODE_RE.match(code):
+        if not isinstance(code, str) or not PAIRING_CODE_RE.match(code):
             raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
         msg_a = _text_field(body, "msg_a")
         slot = await self.budgets.reserve(self.api.client_ip(request), caller.user_id, service_wide=False)
@@ -97,7 +96,7 @@ class MailboxRoutes:
     async def join(self, request: Any, caller: Caller, code: str) -> Tuple[int, Any]:
         slot = await self.budgets.reserve(self.api.client_ip(request), None)
         try:
-            if not CODE_RE.match(code):
+            if not PAIRING_CODE_RE.match(code):
                 slot.keep()
                 raise ApiError(400, "VALIDATION_ERROR", "code must be 6 digits", field="code")
             msg_b = _text_field(body_object(request), "msg_b")
@@ -140,7 +139,7 @@ class MailboxRoutes:
         slot = await self.budgets.reserve(self.api.client_ip(request), None)
         try:
             token = query_arg(request, "token") or ""
-            if not CODE_RE.match(code) or not TOKEN_RE.match(token):
+            if not PAIRING_CODE_RE.match(code) or not TOKEN_RE.match(token):
                 slot.keep()
                 raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
             key = self.code_key(code)
