@@ -25,7 +25,6 @@ from pocketbridge.server.gateway.adapter import GatewayProtocol, _Conn, make_fac
 from pocketbridge.server.fanout.hub import DeliveryHub
 from pocketbridge.server.context import Node
 from pocketbridge.server.gateway.session import Session
-from pocketbridge.server.gateway.session_v2 import V2Session
 
 USER = "ab" * 32
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
@@ -214,8 +213,7 @@ def authenticate(proto: GatewayProtocol, version: int = 1, head: int = 0) -> Ses
     heartbeat timers).
     """
     node = proto.node
-    cls = V2Session if version == 2 else Session
-    session = cls(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
+    session = Session(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
     node.hub.attach(session)
     proto.machine.feed(Input.HELLO)
     proto.machine.feed(Input.AUTH)

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pocketbridge.protocol import wire
 from pocketbridge.server.cluster.drain import start_drain
 from pocketbridge.protocol.events import relay_payload
+from pocketbridge.server.gateway.outbound_v1 import V1Outbound
 from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.storage import Outcome
 from tests.conn_fakes import DEVICE, USER, make_node, stored
@@ -117,9 +118,11 @@ class PagedCatchUpTests(SynchronousTestCase):
         sent = conn.events()
         self.assertEqual(sent, sorted(set(sent)))
         self.assertEqual(sent[-1], nxt[0] - 1)
+        outbound = session.outbound
+        assert isinstance(outbound, V1Outbound) and outbound.tracker is not None
         for seq in sent:
-            session._on_ack({"device_seq": seq})
-        self.assertEqual(session.tracker.delivered(), nxt[0] - 1)  # type: ignore[union-attr]
+            outbound.on_ack({"device_seq": seq})
+        self.assertEqual(outbound.tracker.delivered(), nxt[0] - 1)
 
 
 class DrainAfterAcksTests(SynchronousTestCase):
