@@ -7,7 +7,7 @@ only then closes 1001.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,41 +18,7 @@ from pocketbridge.protocol.events import relay_payload
 from pocketbridge.server.gateway.outbound_v1 import V1Outbound
 from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.storage import Outcome
-from tests.conn_fakes import DEVICE, USER, make_node, stored
-
-
-class FakeConn:
-    """Records what a session sends; calls ``on_send`` after each frame."""
-
-    def __init__(self) -> None:
-        self.frames: List[Any] = []
-        self.closed: Optional[Tuple[int, str]] = None
-        self.reading = True
-        self.on_send: Any = None
-
-    def send(self, data: bytes) -> None:
-        self.frames.append(wire.parse_message(data))
-        if self.on_send is not None:
-            self.on_send()
-
-    def close(self, code: int, reason: str) -> None:
-        self.frames.append(("<close>", {"code": code}))
-        self.closed = (code, reason)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def send_pong(self, payload: bytes) -> None:
-        pass
-
-    def pong_received(self) -> None:
-        pass
-
-    def events(self) -> List[int]:
-        return [f["seq"] for t, f in self.frames if t == "event"]
+from tests.conn_fakes import DEVICE, USER, FakeConn, make_node, stored
 
 
 def v1_session(node: Any, conn: FakeConn) -> Session:
