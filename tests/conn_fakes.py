@@ -25,7 +25,6 @@ from pocketbridge.server.gateway.adapter import GatewayProtocol, _Conn, make_fac
 from pocketbridge.server.fanout.hub import DeliveryHub
 from pocketbridge.server.context import Node
 from pocketbridge.server.gateway.session import Session
-from pocketbridge.server.gateway.session_v2 import V2Session
 
 USER = "ab" * 32
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
@@ -161,8 +160,12 @@ class FakeStorage:
         rows = [e for e in self.events if after < e.seq <= upto and e.device_id != exclude]
         return succeed((rows[:limit], len(rows) > limit))
 
-    def count_backlog(self, *args: Any) -> "Deferred[int]":
-        return succeed(0)
+    def count_backlog(self, user_id: str, after: int, upto: int, exclude: Optional[str], now: int) -> "Deferred[int]":
+        return succeed(sum(1 for e in self.events if after < e.seq <= upto and e.device_id != exclude))
+
+    def user_state(self, user_id: str) -> "Deferred[Tuple[int, int]]":
+        """(head, purged_below)."""
+        return succeed((self.events[-1].seq if self.events else 0, 0))
 
     def update_cursors(self, batch: Any, now: int) -> "Deferred[None]":
         return succeed(None)
@@ -172,6 +175,58 @@ class FakeStorage:
 
     def touch_device(self, *args: Any) -> "Deferred[None]":
         return succeed(None)
+
+
+class FakeConn:
+    """The ``Conn`` of a session without a socket: records what is sent; calls ``on_send`` after each frame."""
+
+    def __init__(self) -> None:
+        self.frames: List[Any] = []
+        self.closed: Optional[Tuple[int, str]] = None
+        self.reading = True
+        self.on_send: Any = None
+
+    def send(self, data: bytes) -> None:
+        self.frames.append(wire.parse_message(data))
+        if self.on_send is not None:
+            self.on_send()
+
+    def close(self, code: int, reason: str) -> None:
+        self.frames.append(("<close>", {"code": code}))
+        self.closed = (code, reason)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def send_pong(self, payload: bytes) -> None:
+        pass
+
+    def pong_received(self) -> None:
+        pass
+
+    def events(self) -> List[int]:
+        return [f["seq"] for t, f in self.frames if t == "event"]
+
+    def types(self) -> List[str]:
+        """The message types sent, in order."""
+        return [t for t, _ in self.frames]
+
+    def take(self) -> List[Any]:
+        """The frames sent since the last call."""
+        frames, self.frames = self.frames, []
+        return frames
+
+
+def upload(n: int, device: str = DEVICE, **fields: Any) -> Dict[str, Any]:
+    """The fields of a client ``event`` frame with device_seq ``n``."""
+    event = {"event_id": "00000000-0000-7000-8000-%012d" % n, "user_id": USER, "device_id": device,
+             "device_seq": n, "stream_id": "s", "stream_seq": n, "type": "t", "encrypted_payload": "eHh4eA==",
+             "created_at": 1_700_000_000_000}
+    event.update(fields)
+    return event
 
 
 class FakeWriter:
@@ -214,8 +269,7 @@ def authenticate(proto: GatewayProtocol, version: int = 1, head: int = 0) -> Ses
     heartbeat timers).
     """
     node = proto.node
-    cls = V2Session if version == 2 else Session
-    session = cls(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
+    session = Session(node, _Conn(proto), USER, DEVICE, proto.session_id, version, None, "cli")
     node.hub.attach(session)
     proto.machine.feed(Input.HELLO)
     proto.machine.feed(Input.AUTH)

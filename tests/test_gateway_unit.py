@@ -217,7 +217,7 @@ class JunkAckTests(SynchronousTestCase):
         self.session: Any = authenticate(self.proto, 2)
         event = stored(1)
         self.session.deliver_live(event, wire.encode("event", {"seq": 1}))
-        self.assertEqual(len(self.session.unacked), 1)
+        self.assertEqual(len(self.session.outbound.unacked), 1)
 
     def test_v2_junk_acks_are_limited(self) -> None:
         """200 acks that match nothing while one delivery is unacked spend the budget: a ping after them waits."""
@@ -228,7 +228,7 @@ class JunkAckTests(SynchronousTestCase):
     def test_v2_matching_ack_passes_an_empty_budget(self) -> None:
         """With the frame budget spent, an ack of the unacked delivery is still handled at once."""
         self.proto.dataReceived(text("ping", {}) * 10 + text("ack", {"seq": 1}) + text("ping", {}))
-        self.assertEqual(self.session.acked, 1)
+        self.assertEqual(self.session.outbound.acked, 1)
         self.assertEqual(app_pongs(server_frames(self.tcp.written())), 10)
 
     def test_v1_unmatched_acks_are_limited(self) -> None:

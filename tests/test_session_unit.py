@@ -7,7 +7,7 @@ only then closes 1001.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,43 +15,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from pocketbridge.protocol import wire
 from pocketbridge.server.cluster.drain import start_drain
 from pocketbridge.protocol.events import relay_payload
+from pocketbridge.server.gateway.outbound_v1 import V1Outbound
 from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.storage import Outcome
-from tests.conn_fakes import DEVICE, USER, make_node, stored
-
-
-class FakeConn:
-    """Records what a session sends; calls ``on_send`` after each frame."""
-
-    def __init__(self) -> None:
-        self.frames: List[Any] = []
-        self.closed: Optional[Tuple[int, str]] = None
-        self.reading = True
-        self.on_send: Any = None
-
-    def send(self, data: bytes) -> None:
-        self.frames.append(wire.parse_message(data))
-        if self.on_send is not None:
-            self.on_send()
-
-    def close(self, code: int, reason: str) -> None:
-        self.frames.append(("<close>", {"code": code}))
-        self.closed = (code, reason)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def send_pong(self, payload: bytes) -> None:
-        pass
-
-    def pong_received(self) -> None:
-        pass
-
-    def events(self) -> List[int]:
-        return [f["seq"] for t, f in self.frames if t == "event"]
+from tests.conn_fakes import DEVICE, USER, FakeConn, make_node, stored
 
 
 def v1_session(node: Any, conn: FakeConn) -> Session:
@@ -117,9 +84,11 @@ class PagedCatchUpTests(SynchronousTestCase):
         sent = conn.events()
         self.assertEqual(sent, sorted(set(sent)))
         self.assertEqual(sent[-1], nxt[0] - 1)
+        outbound = session.outbound
+        assert isinstance(outbound, V1Outbound) and outbound.tracker is not None
         for seq in sent:
-            session._on_ack({"device_seq": seq})
-        self.assertEqual(session.tracker.delivered(), nxt[0] - 1)  # type: ignore[union-attr]
+            outbound.on_ack({"device_seq": seq})
+        self.assertEqual(outbound.tracker.delivered(), nxt[0] - 1)
 
 
 class DrainAfterAcksTests(SynchronousTestCase):

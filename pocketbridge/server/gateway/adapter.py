@@ -11,7 +11,7 @@ attached session go to the ``Session``. The adapter owns the frame codec
 from __future__ import annotations
 
 import uuid
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -25,10 +25,14 @@ from pocketbridge.server import metrics
 from pocketbridge.server.gateway.connection import HANDSHAKE, HEARTBEAT_CLOSE_GRACE, LIVE, PRE_LIVE, ConnectionMachine, Heartbeat, Input, State
 from pocketbridge.server.gateway.handshake import ServerHandshake
 from pocketbridge.server.gateway.flow import FlowControl, Outbound
-from pocketbridge.server.gateway.session import WS_PING, WS_PONG, Session
+from pocketbridge.server.gateway.inbound import WS_PING, WS_PONG
+from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.gateway.admission import FailureToken, admit, check_upgrade, client_ip, depart
 from pocketbridge.server.storage import StorageUnavailable
 from pocketbridge.protocol.wire import Malformed, ProtocolError
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -420,11 +424,11 @@ class _Gate:
     def ended(self) -> bool:
         return self.proto.machine.ended or self.proto.state != self.proto.STATE_OPEN
 
-    def fail(self, code: int, reason: str, result: str) -> None:
-        self.proto._handshake_failed(code, reason, result)
+    def fail(self, error: ProtocolError, result: str) -> None:
+        self.proto._handshake_failed(error.code, error.reason, result)
 
-    def close(self, code: int, reason: str) -> None:
-        self.proto.close(code, reason)
+    def close(self, error: ProtocolError) -> None:
+        self.proto.close(error.code, error.reason)
 
     def attached(self, session: Session) -> None:
         self.proto._attached(session)
@@ -433,7 +437,7 @@ class _Gate:
         self.proto._established(session, frame, age, expires_at)
 
 
-def make_factory(node: Any) -> WebSocketServerFactory:
+def make_factory(node: "Node") -> WebSocketServerFactory:
     """The Autobahn factory for ``/ws``: no compression, close frames on protocol errors."""
     factory = WebSocketServerFactory()
     factory.protocol = GatewayProtocol

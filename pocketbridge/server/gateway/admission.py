@@ -12,7 +12,7 @@ through the ``Gate`` it passes in; nothing here touches a socket.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Dict, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Tuple
 
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
@@ -20,14 +20,16 @@ from twisted.logger import Logger
 from pocketbridge.server import metrics
 
 from pocketbridge.protocol import wire
+from pocketbridge.protocol.wire import ProtocolError
+from pocketbridge.server.config import Settings
 from pocketbridge.server.gateway.handshake import AuthRequest
-from pocketbridge.server.gateway.session import Conn, Session
-from pocketbridge.server.gateway.session_v2 import V2Session
+from pocketbridge.server.gateway.inbound import Conn
+from pocketbridge.server.gateway.session import Session
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
-
-#: The session type of each protocol version (PROTOCOL.md §4.1).
-SESSION_TYPES: Dict[int, Type[Session]] = {1: Session, 2: V2Session}
 
 
 def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
@@ -89,7 +91,7 @@ class FailureToken:
                 lambda f: log.warn("could not refund a handshake token: {e}", e=f.getErrorMessage()))
 
 
-async def check_upgrade(node: Any, ip: str, token: FailureToken) -> float:
+async def check_upgrade(node: "Node", ip: str, token: FailureToken) -> float:
     """
     The per-IP limits, shared by all nodes; run before the upgrade is
     answered. Raises ``ConnectionDeny(429)`` past the connection rate;
@@ -109,10 +111,10 @@ class Gate(Protocol):
     def ended(self) -> bool:
         """True once the connection is closing or gone: admission stops."""
 
-    def fail(self, code: int, reason: str, result: str) -> None:
+    def fail(self, error: ProtocolError, result: str) -> None:
         """A handshake failure the client caused (charged to its budget)."""
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, error: ProtocolError) -> None:
         """Close without charging the failure budget (limits)."""
 
     def attached(self, session: Session) -> None:
@@ -122,7 +124,7 @@ class Gate(Protocol):
         """Send ``session_established``; the session is live for ``age`` seconds."""
 
 
-async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id: str) -> None:
+async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session_id: str) -> None:
     """
     A valid ``client_auth`` arrived: check the device and the socket limits,
     attach the session, register the device and read the head, then go
@@ -135,7 +137,7 @@ async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id
     if gate.ended():
         return
     if device is not None and device.revoked_at is not None:
-        gate.fail(4003, "Device revoked", "revoked")
+        gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
         return
     presence = node.presence
     try:
@@ -147,12 +149,13 @@ async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id
         return
     limited = _socket_limit(s, device_sockets, user_sockets)
     if limited is not None:
-        metrics.LIMIT_HITS.labels(limit=limited[0]).inc()
+        name, refusal = limited
+        metrics.LIMIT_HITS.labels(limit=name).inc()
         metrics.HANDSHAKES.labels(result="limited").inc()
-        gate.close(4029, limited[1])
+        gate.close(refusal)
         return
     now = node.now_ms()
-    session = SESSION_TYPES[auth.protocol_version](
+    session = Session(
         node, conn, auth.user_id, auth.device_id, session_id, auth.protocol_version,
         auth.device_name, auth.device_type,
     )
@@ -169,7 +172,7 @@ async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id
     if gate.ended():
         return
     if device.revoked_at is not None:  # revoked between the two reads
-        gate.fail(4003, "Device revoked", "revoked")
+        gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
         return
     # Name and type are those stored at registration (§4.4), not this handshake's.
     session.device_name, session.device_type = device.name, device.type
@@ -204,16 +207,16 @@ async def admit(node: Any, gate: Gate, conn: Conn, auth: AuthRequest, session_id
     session.established(head, device.delivered_seq, device.last_device_seq, auth.resume_from, purged_below)
 
 
-def _socket_limit(s: Any, device_sockets: int, user_sockets: int) -> Optional[Tuple[str, str]]:
-    """(limit name, close reason) when a socket limit is reached (§12)."""
+def _socket_limit(s: Settings, device_sockets: int, user_sockets: int) -> Optional[Tuple[str, ProtocolError]]:
+    """(limit name, the 4029 close) when a socket limit is reached (§12)."""
     if device_sockets >= s.sockets_per_device:
-        return "sockets_per_device", "Too many sockets for this device; retry after 30 s"
+        return "sockets_per_device", ProtocolError(4029, "Too many sockets for this device; retry after 30 s")
     if user_sockets >= s.sockets_per_user:
-        return "sockets_per_user", "Too many sockets for this user; retry after 30 s"
+        return "sockets_per_user", ProtocolError(4029, "Too many sockets for this user; retry after 30 s")
     return None
 
 
-def depart(node: Any, session: Session, session_id: str) -> None:
+def depart(node: "Node", session: Session, session_id: str) -> None:
     """
     The connection of an attached session is gone: write the cursor, stop
     routing to it, and when it was the device's last socket persist
@@ -227,7 +230,7 @@ def depart(node: Any, session: Session, session_id: str) -> None:
     d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
 
 
-def _removed(offline: bool, node: Any, session: Session) -> None:
+def _removed(offline: bool, node: "Node", session: Session) -> None:
     if not offline:
         return
     now = node.now_ms()

@@ -1,5 +1,7 @@
 """
-The v1 delivery cursor of one socket (PROTOCOL.md §7.2). Pure bookkeeping.
+What both outbound strategies of a session share: the ``replay_response``
+page (PROTOCOL.md §7) and its byte budget; and the v1 delivery cursor of one
+socket (§7.2), pure bookkeeping.
 
 The device's ``delivered_seq`` may advance to S only when every event due to
 the device with seq ≤ S was sent on this connection and acknowledged, or was
@@ -10,7 +12,40 @@ device_seq, so acknowledgement is counted per device_seq value.
 from __future__ import annotations
 
 import heapq
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from pocketbridge.protocol import wire
+from pocketbridge.protocol.events import StoredEvent, relay_payload
+from pocketbridge.server import metrics
+from pocketbridge.server.config import Settings
+
+#: Room kept in a message for everything around the events of a page.
+PAGE_MARGIN = 64 * 1024
+
+
+def page_bytes(settings: Settings) -> int:
+    """The most payload bytes one page read from storage may carry (a page is one message)."""
+    return settings.max_message_bytes - PAGE_MARGIN
+
+
+def replay_page(events: List[StoredEvent], more: bool, remaining: int, pos: int) -> bytes:
+    """
+    One ``replay_response`` page, counted in the metrics. ``remaining`` is
+    what the backlog count still expects, ``pos`` the seq the page reaches
+    (the continuation point when ``more``).
+    """
+    payload: Dict[str, Any] = {
+        "type": "replay_response",
+        "events": [relay_payload(e) for e in events],
+        "has_more": more,
+        "page_size": len(events),
+        "total_events": max(remaining, len(events)) if events else 0,
+    }
+    if more:
+        payload["continuation_token"] = "seq:{}".format(pos)
+    metrics.REPLAY_PAGES.inc()
+    metrics.EVENTS_RELAYED.labels(path="replay").inc(len(events))
+    return wire.encode("replay_response", payload)
 
 
 class V1Tracker:

@@ -14,13 +14,16 @@ left it for ``slow_consumer_timeout`` (stall). Reactor thread only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from pocketbridge.server import metrics
 from pocketbridge.server.gateway.connection import SESSION, ConnectionMachine, State
+
+if TYPE_CHECKING:
+    from pocketbridge.server.gateway.session import Session
 
 #: Seconds between checks of a paused connection's buffer (at most).
 TICK = 1.0
@@ -156,7 +159,7 @@ class FlowControl:
 
     machine: ConnectionMachine
     outbound: Optional[Outbound]
-    session: Any
+    session: Optional["Session"]
     read_held: bool
     in_rx: bool
     transport: Any
