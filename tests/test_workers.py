@@ -76,7 +76,8 @@ def _server_socket_inode(server_port: int, client_port: int) -> Optional[str]:
 def owner(server_port: int, client: Client, candidates: Set[int]) -> Optional[int]:
     """Which of ``candidates`` (pids) holds the server side of ``client``'s socket."""
     assert client.raw is not None and client.raw.protocol is not None
-    client_port = client.raw.protocol.transport.getHost().port
+    transport: Any = client.raw.protocol.transport
+    client_port = transport.getHost().port
     inode = _server_socket_inode(server_port, client_port)
     if inode is None:
         return None
@@ -145,10 +146,11 @@ class WorkersTests(TestCase):
     async def spread(self, server: ServerProcess, workers: Set[int], at_least: int = 2,
                      most: int = 60) -> Dict[int, List[Client]]:
         """Clients (new users) connected until each worker holds ``at_least`` of them; by worker pid."""
+        assert server.pid is not None
         by_worker: Dict[int, List[Client]] = {pid: [] for pid in workers}
         for _ in range(most):
             client = await self.device(server)
-            pid = owner(server.port, client, workers | {server.pid})  # type: ignore[operator]
+            pid = owner(server.port, client, workers | {server.pid})
             self.assertNotEqual(pid, server.pid, "the supervisor accepted a connection")
             self.assertIn(pid, workers)
             by_worker[pid].append(client)  # type: ignore[index]

@@ -244,6 +244,7 @@ class HelperTests(TestCase):
                          {k: v for k, v in s.values.items() if k not in ("node_id", "metrics_listen")})
 
     def test_seat_from_environment(self) -> None:
+        """A process is a worker exactly when PB_WORKER_FD is set; its seat comes from the environment."""
         self.assertIsNone(workers.seat_from_environment({}))
         self.assertEqual(workers.seat_from_environment({"PB_WORKER_FD": "5", "PB_WORKER_INDEX": "2",
                                                         "PB_WORKER_PARENT": "99"}), workers.Seat(5, 2, 99))
@@ -255,6 +256,7 @@ class LineRelayTests(TestCase):
         return workers.LineRelay(lines.append, limit), lines
 
     def test_lines_split_across_chunks(self) -> None:
+        """Worker output is relayed line by line whatever the chunking; a partial last line on exit too."""
         relay, lines = self.relay()
         relay.feed(b"ab")
         relay.feed(b"c\nde\r\n\nf")

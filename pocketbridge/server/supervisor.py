@@ -76,7 +76,7 @@ class Supervisor:
         self.slots: List[_Slot] = [_Slot(i) for i in range(count)]
         self.restarts = 0
         self.stopping = False
-        self._stopped: Optional["Deferred[None]"] = None
+        self._waiters: List["Deferred[None]"] = []
         self._killer: Optional[Any] = None
 
     @property
@@ -133,10 +133,9 @@ class Supervisor:
         1001, flushes its writer); SIGKILL those still running after
         ``stop_timeout``. Fires once every worker has exited.
         """
-        if self._stopped is not None:
+        if self.stopping:
             return self._wait()
         self.stopping = True
-        self._stopped = Deferred()
         for slot in self.slots:
             if slot.pending is not None and slot.pending.active():
                 slot.pending.cancel()
@@ -149,9 +148,11 @@ class Supervisor:
         return waiter
 
     def _wait(self) -> "Deferred[None]":
-        assert self._stopped is not None
         d: "Deferred[None]" = Deferred()
-        self._stopped.addBoth(lambda r: (d.callback(None), r)[1])
+        if self.stopping and not self.alive and self._killer is None and not self._waiters:
+            d.callback(None)  # already stopped
+        else:
+            self._waiters.append(d)
         return d
 
     def _kill_rest(self) -> None:
@@ -163,12 +164,14 @@ class Supervisor:
                 slot.handle.signal("KILL")
 
     def _maybe_stopped(self) -> None:
-        if self._stopped is None or self._stopped.called or self.alive:
+        if not self.stopping or self.alive:
             return
         if self._killer is not None and self._killer.active():
             self._killer.cancel()
         self._killer = None
-        self._stopped.callback(None)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 # ---- the supervisor as a twistd service, and its --metrics-listen port

@@ -62,7 +62,7 @@ class Seat(NamedTuple):
     """What a worker process was handed by its supervisor."""
 
     fd: int
-    index: int
+    position: int  # the worker index (``index`` is a tuple method)
     parent: int
 
 
@@ -173,7 +173,7 @@ class AdoptedEndpoint:
         except Exception:
             return fail()
         os.close(self.seat.fd)
-        log.info("worker {index} (pid {pid}) serving the supervisor's socket", index=self.seat.index, pid=os.getpid())
+        log.info("worker {index} (pid {pid}) serving the supervisor's socket", index=self.seat.position, pid=os.getpid())
         return succeed(port)
 
 
@@ -196,7 +196,7 @@ class ParentWatch(Service):
 
     def _check(self) -> None:
         if os.getppid() != self.seat.parent:
-            log.warn("worker {index}: supervisor (pid {pid}) is gone; stopping", index=self.seat.index,
+            log.warn("worker {index}: supervisor (pid {pid}) is gone; stopping", index=self.seat.position,
                      pid=self.seat.parent)
             self.loop.stop()
             if self.reactor.running:
@@ -235,7 +235,7 @@ def worker_services(reactor: Any, seat: Seat, settings: Settings) -> MultiServic
         site = Site(_WorkerMetrics(), reactor=reactor)
         site.timeOut = 10
         site.log = lambda request: None  # type: ignore[method-assign]  # no access log
-        endpoint = UNIXServerEndpoint(reactor, metrics_socket_path(settings, seat.index), mode=0o600)
+        endpoint = UNIXServerEndpoint(reactor, metrics_socket_path(settings, seat.position), mode=0o600)
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     return top
 
@@ -342,6 +342,8 @@ class WorkerProcess(protocol.ProcessProtocol):
             relay.feed(data)
 
     def signal(self, name: str) -> None:
+        if self.transport is None:
+            return
         try:
             self.transport.signalProcess(name)
         except Exception:  # already gone: ProcessExitedAlready
