@@ -111,6 +111,13 @@ def hex_key(value: str) -> str:
     return v
 
 
+def worker_count(value: str) -> int:
+    """``auto`` (one per core) or an integer >= 1."""
+    if str(value).strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    return positive_int(value)
+
+
 def text(value: str) -> str:
     """Any string."""
     return value
@@ -208,6 +215,7 @@ SETTINGS: List[Setting] = [
     Setting("jobs_interval", positive_float, 60.0, "PB_JOBS_INTERVAL", "Seconds between background job runs"),
     Setting("job_batch", positive_int, 1000, "PB_JOB_BATCH", "Rows a job deletes per transaction"),
     Setting("shutdown_window", positive_float, 2.0, "PB_SHUTDOWN_WINDOW", "Seconds over which SIGTERM closes sockets (keep below the supervisor's stop timeout)"),
+    Setting("workers", worker_count, 1, "PB_WORKERS", "Worker processes serving the listening socket (auto = one per core); more than 1 needs PostgreSQL and Redis"),
     Setting("metrics_listen", text, "", "PB_METRICS_LISTEN", "Separate endpoint for /metrics (empty: on the main port)"),
     Setting("admin_api_key", text, "", "ADMIN_API_KEY", "Admin bearer key, at least 32 characters (environment only)", cli=False),
 ]

@@ -203,19 +203,28 @@ def makeService(options: Options) -> MultiService:
     from pocketbridge.server.storage.sync import migrate_now
     from pocketbridge.server.web import Root, build_app, build_site, metrics_site
     from pocketbridge.server.writer import EventWriter
+    from pocketbridge.server import workers
 
     settings: Settings = options["settings"]
+    seat = workers.seat_from_environment(config.environment())
+    supervising = seat is None and settings.workers > 1 and not options.get("migrate-only")
+    if supervising and workers.refusal(settings):
+        raise _fail(str(workers.refusal(settings)))
+    if seat is not None:
+        settings = workers.worker_settings(settings)
     try:
         server_key = load_server_key(settings.data_dir, config.environment())
     except ConfigError as e:
         raise _fail("configuration error: {}".format(e))
     try:
-        version = migrate_now(settings)
+        version = migrate_now(settings) if seat is None else 0  # the supervisor migrated
     except Exception as e:  # one line, never a traceback
         raise _fail("storage error: {}".format(_one_line(e)))
     if options.get("migrate-only"):
         sys.stdout.write("pocketbridge: database at schema version {}\n".format(version))
         raise SystemExit(0)
+    if supervising:
+        return workers.supervisor_service(reactor, settings)
 
     # After twistd has started its log observers (it does so after makeService).
     reactor.callWhenRunning(_set_log_level, settings.log_level)
@@ -269,13 +278,16 @@ def makeService(options: Options) -> MultiService:
         endpoint = serverFromString(reactor, _with_backlog(settings.listen, settings.listen_backlog))
     except (ValueError, TypeError, KeyError) as e:
         raise _fail("configuration error: --listen: {}".format(_one_line(e)))
+    if seat is not None:  # a worker adopts its supervisor's socket
+        endpoint = workers.AdoptedEndpoint(reactor, seat, settings.listen)
+        workers.worker_services(reactor, seat, settings).setServiceParent(top)
     web = StreamServerEndpointService(endpoint, AdmissionFactory(site, admission, _refuse_with_none(settings.listen)))
     web._raiseSynchronously = True
     web.setServiceParent(top)
     from pocketbridge.server.cluster.jobs import Jobs
 
     Jobs(node, settings.jobs_interval, settings.job_batch).setServiceParent(top)
-    if settings.metrics_listen:
+    if settings.metrics_listen and seat is None:  # a worker's is for its supervisor only
         try:
             m_endpoint = serverFromString(reactor, _with_backlog(settings.metrics_listen, settings.listen_backlog))
         except (ValueError, TypeError, KeyError) as e:
