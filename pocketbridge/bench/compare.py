@@ -172,7 +172,8 @@ def start(workers: int, admin_url: str, redis_url: str, extra: Sequence[str] = (
             code = server.proc.returncode
             tail = server.tail()
             stop(server)
-            raise RuntimeError("the server with {} worker(s) exited with {}:\n{}".format(workers, code, tail))
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            raise RuntimeError("the server with {} worker(s) exited with {}: {}\n{}".format(workers, code, last, tail))
         try:
             with urllib.request.urlopen(server.url + "/health", timeout=2) as response:
                 if response.status == 200:
@@ -214,7 +215,7 @@ def _drop(server: Server) -> None:
         finally:
             admin.close()
     except psycopg2.Error as e:
-        sys.stderr.write("pocketbridge-bench: could not drop {}: {}\n".format(server.database, e))
+        sys.stderr.write("pocketbridge-bench: could not drop {}: {}\n".format(urlsplit(server.database).path.lstrip("/"), e))
     cli = shutil.which("redis-cli")
     if cli is not None:
         try:
@@ -285,6 +286,7 @@ def run(args: argparse.Namespace, make_run: Callable[[argparse.Namespace], Any],
         first.run_baselines()
     by_count: Dict[int, Dict[str, Any]] = {}
     details: Dict[str, Any] = {}
+    servers: Dict[str, Any] = {}
     errors: Dict[str, str] = dict(first.errors)
     for count in args.workers_counts:
         first.say("starting the server with {} worker(s) (PostgreSQL, Redis) ...".format(count))
@@ -303,7 +305,8 @@ def run(args: argparse.Namespace, make_run: Callable[[argparse.Namespace], Any],
         try:
             one.run_scenarios()
         finally:
-            stop(server)
+            servers[str(count)] = {"port": server.port, "pid": server.proc.pid, "database": urlsplit(server.database).path.lstrip("/"),
+                                   "redis_prefix": server.redis_prefix, "exit_code": stop(server)}
         if one.throttled is not None:
             return stop_throttled(args, "{} (--workers {})".format(one.throttled[0], count), one.throttled[1])
         by_count[count] = report.build(one.scenarios, first.baselines, "postgresql")
@@ -316,7 +319,8 @@ def run(args: argparse.Namespace, make_run: Callable[[argparse.Namespace], Any],
                       if k.startswith("baseline_")},
         "machine": machine_info(),
         "config": {"compare_workers": args.workers_counts, "scenarios": args.selected,
-                   "cycle_protocol": args.cycle_protocol, "pg_url": args.pg_url, "redis_url": args.redis_url},
+                   "cycle_protocol": args.cycle_protocol},  # no URLs: they may carry passwords
+        "servers": servers,
         "errors": errors,
         "elapsed_s": round(time.monotonic() - started, 1),
         "details": {"by_count": details, "baselines": first.baselines},
