@@ -215,7 +215,8 @@ def _drop(server: Server) -> None:
         finally:
             admin.close()
     except psycopg2.Error as e:
-        sys.stderr.write("pocketbridge-bench: could not drop {}: {}\n".format(urlsplit(server.database).path.lstrip("/"), e))
+        name = urlsplit(server.database).path.lstrip("/")
+        sys.stderr.write("pocketbridge-bench: could not drop {}: {}\n".format(name, e))
     cli = shutil.which("redis-cli")
     if cli is not None:
         try:
