@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 
-from pocketbridge.bench import baseline_store, baseline_ws, compare, prefill, report
+from pocketbridge.bench import baseline_store, baseline_ws, compare, report
 from pocketbridge.bench import scenario_connections as conns
 from pocketbridge.bench import scenario_cycle as cycles
 from pocketbridge.bench import scenario_events as flows

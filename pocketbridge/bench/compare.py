@@ -306,7 +306,8 @@ def run(args: argparse.Namespace, make_run: Callable[[argparse.Namespace], Any],
         try:
             one.run_scenarios()
         finally:
-            servers[str(count)] = {"port": server.port, "pid": server.proc.pid, "database": urlsplit(server.database).path.lstrip("/"),
+            servers[str(count)] = {"port": server.port, "pid": server.proc.pid,
+                                   "database": urlsplit(server.database).path.lstrip("/"),
                                    "redis_prefix": server.redis_prefix, "exit_code": stop(server)}
         if one.throttled is not None:
             return stop_throttled(args, "{} (--workers {})".format(one.throttled[0], count), one.throttled[1])
