@@ -8,6 +8,10 @@ measures raw baselines on the same machine in the same run:
 - ``runner``: every measurement in its own child process with its own reactor;
 - ``load``: SDK clients as load generators (stamped payloads, closed and open loops);
 - ``scenario_connections``: handshakes/s, memory per idle connection;
+- ``scenario_cycle``: connect → handshake → close cycles/s and server CPU per cycle;
+- ``throttle``: a refusal by a server limit stops the run and names the setting to raise;
+- ``compare``: ``--compare-workers``, the server started once per worker count;
+- ``probe``: machine facts, a server's ``/health`` and ``/metrics``;
 - ``scenario_events``: events end to end, latency at a fixed rate, fan-out,
   catch-up, two nodes;
 - ``baseline_ws`` (with the ``echo`` server), ``baseline_store``

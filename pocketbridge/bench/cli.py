@@ -2,45 +2,51 @@
 ``pocketbridge-bench``: measure a running PocketBridge server and raw
 baselines on the same machine, in the same run.
 
-    pocketbridge-bench --url http://127.0.0.1:3001 [--url2 URL] [--server-pid PID]
-                       [--quick] [--json] [--scenarios memory,handshakes,events,...]
+    pocketbridge-bench --url http://127.0.0.1:3001 [--url2 URL] [--server-pid PID ...]
+                       [--quick] [--json] [--scenarios memory,handshakes,cycle,events,...]
                        [--prefill N --prefill-database DB]
+    pocketbridge-bench --compare-workers 1,2 [--pg-url URL] [--redis-url URL] [--scenarios ...]
 
 Scenarios (run in this order; names or numbers): 4 ``memory``, 1
-``handshakes``, 2 ``events``, 3 ``latency``, 6 ``fanout``, 5 ``catchup``,
+``handshakes``, 8 ``cycle``, 2 ``events``, 3 ``latency``, 6 ``fanout``, 5 ``catchup``,
 7 ``two_nodes`` (needs ``--url2``; part of the default only when it is given). ``memory`` needs ``--server-pid`` and
 runs first because memory freed by other scenarios would hide the growth.
-The server must run with raised limits (docs/benchmarks.md has the command).
+The server must run with raised limits (docs/benchmarks.md has the command);
+when it throttles the bench anyway, the run stops with one line naming the
+setting to raise (exit status 3). ``--compare-workers`` starts the server
+itself, once per worker count (``compare``).
 
 Every measurement runs in its own child process (``runner``); baselines run
 first, while the server is idle. Progress goes to stderr; the result (a
 table, or one JSON object with ``--json``) to stdout. Exit status 1 if a
-measurement failed (its keys are then null), 2 for a usage error.
+measurement failed (its keys are then null), 2 for a usage error, 3 when
+the server throttled the bench.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import time
-import urllib.request
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 
-from pocketbridge.bench import baseline_store, baseline_ws, prefill, report
+from pocketbridge.bench import baseline_store, baseline_ws, compare, report
 from pocketbridge.bench import scenario_connections as conns
+from pocketbridge.bench import scenario_cycle as cycles
 from pocketbridge.bench import scenario_events as flows
 from pocketbridge.bench.load import http_url, ws_url
+from pocketbridge.bench.prefill import prefilled_pass
+from pocketbridge.bench.probe import health, machine_info, metrics_delta, scrape_metrics
 from pocketbridge.bench.runner import error_of, raise_fd_limit, run_child, run_sharded
 from pocketbridge.bench.stats import CPU_KEYS
+from pocketbridge.bench.throttle import EXIT_THROTTLED, Throttle
 
-SCENARIOS = ("memory", "handshakes", "events", "latency", "fanout", "catchup", "two_nodes")
+SCENARIOS = ("memory", "handshakes", "cycle", "events", "latency", "fanout", "catchup", "two_nodes")
 NUMBERS = {"1": "handshakes", "2": "events", "3": "latency", "4": "memory", "5": "catchup", "6": "fanout",
-           "7": "two_nodes"}
+           "7": "two_nodes", "8": "cycle"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +78,12 @@ QUICK = dataclasses.replace(FULL, handshakes=1000, duration=8.0, warmup=2.0, rat
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(prog="pocketbridge-bench", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:3001 (ws:// also accepted)")
+    p.add_argument("--url", help="the server, e.g. http://127.0.0.1:3001 (ws:// also accepted); "
+                                 "not with --compare-workers")
     p.add_argument("--url2", help="a second node of the same cluster (scenario two_nodes)")
-    p.add_argument("--server-pid", type=int, help="pid of the --url server (RSS and CPU readings)")
+    p.add_argument("--server-pid", type=int, action="append",
+                   help="pid of the --url server (RSS and CPU readings); repeat for several processes: CPU is "
+                        "summed over them and every process below them (a --workers supervisor's workers)")
     p.add_argument("--server-pid2", type=int, help="pid of the --url2 server (CPU readings)")
     p.add_argument("--quick", action="store_true", help="smaller sizes; finishes in under 3 minutes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -86,6 +95,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="PostgreSQL for the baseline; a throwaway database is created and dropped there")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="Redis for the PUBLISH baseline")
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines (ratios are then null)")
+    p.add_argument("--compare-workers", metavar="N,M",
+                   help="start the server (twistd pocketbridge --workers N, PostgreSQL --pg-url, Redis "
+                        "--redis-url) once per count, run the scenarios against each and print each figure "
+                        "per count and the ratio to the first count")
+    p.add_argument("--cycle-protocol", type=int, choices=(1, 2), default=1,
+                   help="protocol of the cycle scenario's handshakes (default 1)")
     p.add_argument("--prefill", type=int, default=0, metavar="N",
                    help="after the scenarios, load N events into --prefill-database (new users) and run the "
                         "scenarios again (memory excepted): both results and prefilled/fresh ratios")
@@ -96,9 +111,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="events per prefilled user (default 1000: 1,000 users per million events)")
     sizes = p.add_argument_group("sizes (override --quick or the defaults)")
     sizes.add_argument("--handshakes", type=int, help="handshakes per round (default 3000, quick 1000)")
-    sizes.add_argument("--concurrency", type=int, help="handshakes in flight (default 100)")
+    sizes.add_argument("--concurrency", type=int, help="handshakes (and cycles) in flight (default 100)")
     sizes.add_argument("--connections", help="idle connection counts for memory, comma list (default 1000,5000)")
-    sizes.add_argument("--duration", type=float, help="seconds each throughput scenario measures (20, quick 8)")
+    sizes.add_argument("--duration", type=float,
+                       help="seconds each throughput scenario (and cycle) measures (20, quick 8)")
     sizes.add_argument("--warmup", type=float, help="seconds of load before measuring (3, quick 2)")
     sizes.add_argument("--users", type=int, help="sending users in events/two_nodes (default 20)")
     sizes.add_argument("--window", type=int, help="unacked events in flight per sender (default 16)")
@@ -111,14 +127,30 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     sizes.add_argument("--baseline-duration", type=float, help="seconds per baseline measurement (5, quick 2)")
     sizes.add_argument("--client-procs", type=int, help="load-generator processes for handshakes/events (1)")
     args = p.parse_args(argv)
+    pids = args.server_pid or []
+    args.server_pids, args.server_pid = pids, (pids[0] if pids else None)
+    args.workers_counts = None
+    if args.compare_workers:
+        if args.url or args.url2 or pids or args.prefill:
+            p.error("--compare-workers starts its own servers: no --url, --url2, --server-pid or --prefill")
+        try:
+            args.workers_counts = compare.parse_counts(args.compare_workers)
+        except ValueError as e:
+            p.error(str(e))
+        args.url = "http://127.0.0.1:1"  # replaced by each started server's address
+    elif not args.url:
+        p.error("--url is required (or --compare-workers)")
     names = []
-    default = [s for s in SCENARIOS if s != "two_nodes" or args.url2]
+    excluded = compare.NOT_COMPARED if args.compare_workers else ("two_nodes",) if not args.url2 else ()
+    default = [s for s in SCENARIOS if s not in excluded]
     for item in (args.scenarios or ",".join(default)).split(","):
         item = NUMBERS.get(item.strip(), item.strip())
         if item not in SCENARIOS:
             p.error("unknown scenario {!r}; choose from {}".format(item, ", ".join(SCENARIOS)))
         names.append(item)
     args.selected = [s for s in SCENARIOS if s in names]
+    if args.compare_workers and set(args.selected) & set(compare.NOT_COMPARED):
+        p.error("--compare-workers cannot run {}".format(" or ".join(compare.NOT_COMPARED)))
     if "two_nodes" in args.selected and not args.url2:
         p.error("scenario two_nodes needs --url2")
     if args.prefill and not args.prefill_database:
@@ -144,71 +176,6 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     return dataclasses.replace(sizes, **changes)
 
 
-def machine_info() -> Dict[str, Any]:
-    """nproc, CPU model, memory, load average, versions."""
-    info: Dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                                     None)
-        with open("/proc/meminfo") as f:
-            info["mem_total_mib"] = int(f.readline().split()[1]) // 1024
-        info["loadavg_at_start"] = os.getloadavg()[0]
-    except (OSError, ValueError, StopIteration):
-        pass
-    import autobahn
-    import twisted
-
-    info["twisted"] = twisted.__version__
-    info["autobahn"] = autobahn.__version__
-    return info
-
-
-def scrape_metrics(url: str) -> Dict[str, float]:
-    """The server's ``/metrics`` sums and counts we use; empty when unavailable."""
-    wanted = ("pocketbridge_commit_batch_events_sum", "pocketbridge_commit_batch_events_count",
-              "pocketbridge_commit_seconds_sum", "pocketbridge_delivery_seconds_sum",
-              "pocketbridge_delivery_seconds_count")
-    try:
-        with urllib.request.urlopen(http_url(url) + "/metrics", timeout=5) as response:
-            text = response.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return {}
-    out: Dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in wanted:
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
-def metrics_delta(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, Optional[float]]:
-    """Mean commit batch, commit time and commit → socket delivery time between two scrapes."""
-    def d(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    commits = d("pocketbridge_commit_batch_events_count")
-    deliveries = d("pocketbridge_delivery_seconds_count")
-    if not commits:
-        return {}
-    return {
-        "commits": commits,
-        "mean_batch_events": round(d("pocketbridge_commit_batch_events_sum") / commits, 1),
-        "mean_commit_ms": round(1000 * d("pocketbridge_commit_seconds_sum") / commits, 2),
-        "mean_commit_to_socket_ms": round(1000 * d("pocketbridge_delivery_seconds_sum") / deliveries, 2)
-        if deliveries else None,
-    }
-
-
-def health(url: str) -> Optional[str]:
-    """None if ``GET /health`` answers 200, else why not."""
-    try:
-        with urllib.request.urlopen(http_url(url) + "/health", timeout=5) as response:
-            return None if response.status == 200 else "HTTP {}".format(response.status)
-    except Exception as e:
-        return "{}: {}".format(type(e).__name__, e)
-
-
 class Run:
     """One benchmark run: measurements, their errors and CPU readings, and progress on stderr."""
 
@@ -220,7 +187,8 @@ class Run:
         self.errors: Dict[str, str] = {}
         self.cpu: Dict[str, Dict[str, Any]] = {}
         self.server_metrics: Dict[str, Dict[str, Any]] = {}  # per scenario, from the --url node's /metrics
-        self.pids = [p for p in (args.server_pid,) if p]
+        self.pids = list(args.server_pids)
+        self.throttled: Optional[Tuple[str, Throttle]] = None  # (scenario, limit): the run stopped there
 
     def say(self, text: str) -> None:
         sys.stderr.write("[{}] {}\n".format(time.strftime("%H:%M:%S"), text))
@@ -232,7 +200,9 @@ class Run:
         t0 = time.monotonic()
         result = fn()
         err = error_of(result) if isinstance(result, dict) else None
-        if err:
+        if isinstance(result, dict) and result.get("throttled"):
+            pass  # no figure; run_scenarios stops the run
+        elif err:
             self.errors[name] = err
             self.say("  {} failed: {}".format(name, err.splitlines()[0]))
         else:
@@ -265,7 +235,7 @@ class Run:
             self._with_echo(lambda url, pid: self.measure("baseline", "ws_memory", lambda: run_child(
                 baseline_ws.memory, 120 + max(s.connections) / 20, url=url, count=max(s.connections),
                 concurrency=s.concurrency, server_pid=pid)))
-        if not sel & {"handshakes", "events", "latency", "fanout", "two_nodes"}:
+        if not sel & {"handshakes", "cycle", "events", "latency", "fanout", "two_nodes"}:
             return
 
         def echo_loads(url: str, pid: int) -> None:
@@ -273,7 +243,7 @@ class Run:
                 self.measure("baseline", "ws_roundtrips", lambda: run_child(
                     baseline_ws.roundtrips, 120, url=url, conns=s.users * 2, window=s.window,
                     payload_bytes=s.payload_bytes, duration=d, warmup=min(1.0, d), server_pids=[pid]))
-            if "handshakes" in sel:
+            if sel & {"handshakes", "cycle"}:
                 self.measure("baseline", "ws_connects", lambda: run_child(
                     baseline_ws.connects, 120 + s.handshakes / 20, url=url, count=s.handshakes,
                     concurrency=s.concurrency, payload_bytes=s.payload_bytes, server_pids=[pid]))
@@ -307,6 +277,11 @@ class Run:
             delta = metrics_delta(before, scrape_metrics(a.url))
             if delta:
                 self.server_metrics[name] = delta
+            limit = (self.scenarios.get(name) or {}).get("throttled")
+            if limit:
+                self.throttled = (name, Throttle.from_dict(limit))
+                self.say("  stopped: the server throttled {}".format(name))
+                return
 
     def _run_scenario(self, name: str, flow_timeout: float) -> None:
         s, a = self.sizes, self.args
@@ -320,6 +295,11 @@ class Run:
             self.measure("scenario", name, lambda: self._merged(conns.merge_handshakes, run_sharded(
                 conns.handshakes, s.client_procs, 120 + s.handshakes / 10, url=a.ws1, count=s.handshakes,
                 concurrency=s.concurrency, server_pids=self.pids)), lambda r: r.get("returning"))
+        elif name == "cycle":
+            self.measure("scenario", name, lambda: self._merged(cycles.merge_cycles, run_sharded(
+                cycles.cycle, s.client_procs, s.warmup + s.duration + 120 + s.concurrency / 10, url=a.ws1,
+                concurrency=s.concurrency, duration=s.duration, warmup=s.warmup, protocol_version=a.cycle_protocol,
+                server_pids=self.pids)))
         elif name == "events":
             self.measure("scenario", name, lambda: self._flow([a.ws1], s.users, 1, False, flow_timeout))
         elif name == "latency":
@@ -351,39 +331,29 @@ class Run:
 
     @staticmethod
     def _merged(merge: Callable[[List[Dict[str, Any]]], Dict[str, Any]], parts: List[Any]) -> Dict[str, Any]:
+        limit = next((p["throttled"] for p in parts if p.get("throttled")), None)
+        if limit is not None:  # the other shards' errors are the aborted barrier
+            return {"throttled": limit}
         err = flows.first_error(parts)
         return {"error": err} if err else merge(parts)
 
 
-def prefilled_pass(run: Run, fresh: Dict[str, Any]) -> Dict[str, Any]:
-    """
-    ``--prefill``: load the events, run the scenarios again (not memory: it
-    needs a fresh server) and return the result keys: ``prefill`` (what was
-    loaded), ``<key>_prefilled`` and ``<key>_prefilled_ratio``, and the second
-    pass's details under ``prefilled``. Errors go to ``run.errors`` as
-    ``prefill`` or ``prefilled_<scenario>``.
-    """
-    a = run.args
-    run.say("prefill: loading {:,} events into the server's database ...".format(a.prefill))
-    loaded = run_child(prefill.measure, 900 + a.prefill / 500, database=a.prefill_database, count=a.prefill,
-                       events_per_user=a.prefill_events_per_user, payload_bytes=run.sizes.payload_bytes)
-    err = error_of(loaded)
-    if err:
-        run.errors["prefill"] = err
-        run.say("  prefill failed: {}".format(err.splitlines()[0]))
-        return {"prefill": None}
-    run.say("  loaded {events:,} events for {users:,} users in {seconds} s".format(**loaded))
-    saved = run.scenarios, run.errors, run.cpu, run.server_metrics
-    run.scenarios, run.errors, run.cpu, run.server_metrics = {}, {}, {}, {}
-    try:
-        run.run_scenarios([n for n in a.selected if n != "memory"])
-        second = report.build(run.scenarios, run.baselines, a.storage)
-        details = {"scenarios": run.scenarios, "cpu": run.cpu, "server_metrics": run.server_metrics}
-        errors = {"prefilled_" + k: v for k, v in run.errors.items()}
-    finally:
-        run.scenarios, run.errors, run.cpu, run.server_metrics = saved
-    run.errors.update(errors)
-    return {"prefill": loaded, **prefill.compare(fresh, second), "prefilled": details}
+def emit(args: argparse.Namespace, result: Dict[str, Any], text: Callable[[Dict[str, Any]], str]) -> None:
+    """The result on stdout: one JSON object with ``--json``, else ``text(result)``."""
+    if args.json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+                         .decode() + "\n")
+    else:
+        sys.stdout.write(text(result) + "\n")
+        sys.stdout.write("\n(total {:.0f} s; --json for every detail)\n".format(result["elapsed_s"]))
+
+
+def stop_throttled(args: argparse.Namespace, scenario: str, limit: Throttle) -> int:
+    """The server throttled ``scenario``: one line naming the setting to raise, no figure; exit status 3."""
+    sys.stderr.write(limit.line(scenario) + "\n")
+    if args.json:
+        sys.stdout.write(orjson.dumps({"throttled": {"scenario": scenario, **limit.as_dict()}}).decode() + "\n")
+    return EXIT_THROTTLED
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -391,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     sizes = sizes_from(args)
     raise_fd_limit()
+    if args.workers_counts:
+        return compare.run(args, lambda a: Run(a, sizes), emit, stop_throttled)
     for url in filter(None, (args.url, args.url2)):
         problem = health(url)
         if problem:
@@ -402,25 +374,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_baselines:
         run.run_baselines()
     run.run_scenarios()
+    if run.throttled is not None:
+        return stop_throttled(args, *run.throttled)
     result = report.build(run.scenarios, run.baselines, args.storage)
     if args.prefill:
         result.update(prefilled_pass(run, result))
+        if run.throttled is not None:
+            return stop_throttled(args, *run.throttled)
     result.update({
         "machine": machine_info(),
         "config": {"url": args.url, "url2": args.url2, "quick": args.quick, "scenarios": args.selected,
-                   **dataclasses.asdict(sizes)},
+                   "cycle_protocol": args.cycle_protocol, **dataclasses.asdict(sizes)},
         "cpu": run.cpu,
         "server_metrics": run.server_metrics,
         "errors": run.errors,
         "elapsed_s": round(time.monotonic() - started, 1),
         "details": {"scenarios": run.scenarios, "baselines": run.baselines},
     })
-    if args.json:
-        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
-                         .decode() + "\n")
-    else:
-        sys.stdout.write(report.table(result) + "\n")
-        sys.stdout.write("\n(total {:.0f} s; --json for every detail)\n".format(result["elapsed_s"]))
+    emit(args, result, report.table)
     failed = {k for k in run.errors if k in args.selected or k in run.baselines or k.startswith("prefill")}
     return 1 if failed else 0
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 
+from pocketbridge.bench.throttle import Throttle, of_exception
 from pocketbridge.client import Client, Identity
 
 STREAM = "bench:main"
@@ -98,20 +99,25 @@ class Sink:
 
 
 def new_client(reactor: Any, url: str, identity: Identity, sink: Optional[Sink] = None,
-               device_id: Optional[str] = None) -> Client:
-    """A v1 client that keeps no history (events go to ``sink``) and acks what it receives."""
+               device_id: Optional[str] = None, protocol_version: int = 1) -> Client:
+    """A client (v1 unless told) that keeps no history (events go to ``sink``) and acks what it receives."""
     return Client(
         reactor, url, identity, device_id=device_id or str(uuid.uuid4()), device_name="bench", device_type="cli",
         auto_ack=True, keep_history=False, on_event=sink.on_event if sink is not None else None,
+        protocol_version=protocol_version,
     )
 
 
-async def connect_all(clients: Sequence[Client], concurrency: int) -> Tuple[List[Client], List[str], List[float]]:
+async def connect_all(clients: Sequence[Client], concurrency: int, throttled: Optional[List[Throttle]] = None,
+                      ) -> Tuple[List[Client], List[str], List[float]]:
     """
     Connect every client, ``concurrency`` handshakes at a time.
 
     Returns (connected clients, one error string per failure, the duration
-    of each successful connect in seconds).
+    of each successful connect in seconds). With a ``throttled`` list, the
+    first refusal that is a server limit (``throttle.of_exception``) is
+    appended to it and no further client starts: a throttled figure would
+    measure the limit.
     """
     pending = iter(list(clients))
     ok: List[Client] = []
@@ -120,11 +126,16 @@ async def connect_all(clients: Sequence[Client], concurrency: int) -> Tuple[List
 
     async def worker() -> None:
         for client in pending:
+            if throttled:
+                return
             t0 = time.monotonic()
             try:
                 await client.connect()
             except Exception as e:  # counted and reported, never fatal to the run
                 errors.append("{}: {}".format(type(e).__name__, e))
+                limit = of_exception(e) if throttled is not None else None
+                if limit is not None and throttled is not None and not throttled:
+                    throttled.append(limit)
             else:
                 durations.append(time.monotonic() - t0)
                 ok.append(client)

@@ -279,3 +279,37 @@ def table_lines(result: Dict[str, Any]) -> List[str]:
             "{:>12}".format("-" if v is None else "{:,.2f}".format(v) if v < 100 else "{:,.0f}".format(v))
             for v in cells[:2]) + "{:>18}".format("-" if cells[2] is None else "{:.3f}".format(cells[2])))
     return lines
+
+
+def prefilled_pass(run: Any, fresh: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    ``--prefill``: load the events, run the scenarios again (not memory: it
+    needs a fresh server) and return the result keys: ``prefill`` (what was
+    loaded), ``<key>_prefilled`` and ``<key>_prefilled_ratio``, and the second
+    pass's details under ``prefilled``. Errors go to ``run.errors`` as
+    ``prefill`` or ``prefilled_<scenario>``.
+    """
+    from pocketbridge.bench import report
+    from pocketbridge.bench.runner import error_of, run_child
+
+    a = run.args
+    run.say("prefill: loading {:,} events into the server's database ...".format(a.prefill))
+    loaded = run_child(measure, 900 + a.prefill / 500, database=a.prefill_database, count=a.prefill,
+                       events_per_user=a.prefill_events_per_user, payload_bytes=run.sizes.payload_bytes)
+    err = error_of(loaded)
+    if err:
+        run.errors["prefill"] = err
+        run.say("  prefill failed: {}".format(err.splitlines()[0]))
+        return {"prefill": None}
+    run.say("  loaded {events:,} events for {users:,} users in {seconds} s".format(**loaded))
+    saved = run.scenarios, run.errors, run.cpu, run.server_metrics
+    run.scenarios, run.errors, run.cpu, run.server_metrics = {}, {}, {}, {}
+    try:
+        run.run_scenarios([n for n in a.selected if n != "memory"])
+        second = report.build(run.scenarios, run.baselines, a.storage)
+        details = {"scenarios": run.scenarios, "cpu": run.cpu, "server_metrics": run.server_metrics}
+        errors = {"prefilled_" + k: v for k, v in run.errors.items()}
+    finally:
+        run.scenarios, run.errors, run.cpu, run.server_metrics = saved
+    run.errors.update(errors)
+    return {"prefill": loaded, **compare(fresh, second), "prefilled": details}

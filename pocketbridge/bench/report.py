@@ -18,6 +18,8 @@ from pocketbridge.bench.stats import ratio
 #: (name, key, comparison, threshold): the issue's targets.
 TARGETS: List[Tuple[str, str, str, float]] = [
     ("handshakes >= 1,000/s", "handshakes_per_s", ">=", 1000.0),
+    ("handshake cycles >= 1,200/s", "cycles_per_s", ">=", 1200.0),
+    ("<= 0.5 ms server CPU per cycle", "cycle_server_cpu_ms", "<=", 0.5),
     ("events >= 5,000/s end to end", "events_per_s", ">=", 5000.0),
     ("p99 <= 25 ms at the fixed rate", "latency_p99_ms", "<=", 25.0),
     ("<= 30 KiB per idle connection", "rss_per_conn_kib", "<=", 30.0),
@@ -29,6 +31,10 @@ TARGETS: List[Tuple[str, str, str, float]] = [
 ROWS: List[Tuple[str, str, Optional[str], Optional[str]]] = [
     ("1 handshakes/s (returning devices)", "handshakes_per_s", "baseline_ws_connects_per_s", "handshakes_ratio"),
     ("  handshakes/s (new devices)", "handshakes_new_per_s", "baseline_ws_connects_per_s", "handshakes_new_ratio"),
+    ("8 cycles/s (connect, handshake, close)", "cycles_per_s", "baseline_ws_connects_per_s", "cycle_ratio"),
+    ("  server CPU ms per cycle", "cycle_server_cpu_ms", None, None),
+    ("  cycle p50 ms", "cycle_p50_ms", None, None),
+    ("  cycle p99 ms", "cycle_p99_ms", None, None),
     ("2 events/s end to end", "events_per_s", "baseline_ws_roundtrips_per_s", "events_ratio"),
     ("  events/s vs storage rows/s", "events_per_s", "baseline_storage_rows_per_s", "events_vs_storage_ratio"),
     ("  delivery latency p50 ms (saturated)", "events_latency_p50_ms", None, None),
@@ -71,6 +77,7 @@ def _add(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def build(scenarios: Dict[str, Any], baselines: Dict[str, Any], storage: str) -> Dict[str, Any]:
     """The flat result: headline numbers, baselines, ratios, targets."""
     hs, ev, lat = scenarios.get("handshakes"), scenarios.get("events"), scenarios.get("latency")
+    cy = scenarios.get("cycle")
     mem, cu, fo, tn = (scenarios.get(k) for k in ("memory", "catchup", "fanout", "two_nodes"))
     pg, sq, rd = baselines.get("postgres"), baselines.get("sqlite"), baselines.get("redis")
     store = pg if storage == "postgresql" else sq
@@ -78,6 +85,11 @@ def build(scenarios: Dict[str, Any], baselines: Dict[str, Any], storage: str) ->
     out: Dict[str, Any] = {
         "handshakes_per_s": _get(hs, "returning", "per_s"),
         "handshakes_new_per_s": _get(hs, "new", "per_s"),
+        "cycles_per_s": _get(cy, "cycles_per_s"),
+        "cycle_server_cpu_ms": _get(cy, "server_cpu_ms_per_cycle"),
+        "cycle_p50_ms": _get(cy, "cycle_p50_ms"),
+        "cycle_p99_ms": _get(cy, "cycle_p99_ms"),
+        "cycle_protocol_version": _get(cy, "protocol_version"),
         "events_per_s": _get(ev, "events_per_s"),
         "events_latency_p50_ms": _get(ev, "latency_p50_ms"),
         "events_latency_p95_ms": _get(ev, "latency_p95_ms"),
@@ -151,7 +163,8 @@ def targets(out: Dict[str, Any]) -> List[Dict[str, Any]]:
     return result
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A number as the tables print it (- for none)."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -171,8 +184,8 @@ def table(result: Dict[str, Any]) -> str:
     for label, key, base_key, ratio_key in ROWS:
         if result.get(key) is None:
             continue  # not run (a failure is listed under "problems")
-        rows.append((label, _fmt(result.get(key)), base_key or "", _fmt(result.get(base_key)) if base_key else "",
-                     _fmt(result.get(ratio_key)) if ratio_key else ""))
+        rows.append((label, fmt(result.get(key)), base_key or "", fmt(result.get(base_key)) if base_key else "",
+                     fmt(result.get(ratio_key)) if ratio_key else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[j]) if j in (0, 2) else c.rjust(widths[j]) for j, c in enumerate(r)))
@@ -182,7 +195,7 @@ def table(result: Dict[str, Any]) -> str:
     lines.append("targets:")
     for t in result["targets"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        lines.append("  {:<34} {:>10}  {}".format(t["target"], _fmt(t["value"]), mark))
+        lines.append("  {:<34} {:>10}  {}".format(t["target"], fmt(t["value"]), mark))
     cpu = result.get("cpu") or {}
     if cpu:
         lines.append("")
@@ -192,7 +205,7 @@ def table(result: Dict[str, Any]) -> str:
         lines.append("  {:<22}".format("measurement") + "".join("{:>10}".format(k) for k in keys))
         for name, readings in cpu.items():
             lines.append("  {:<22}".format(name) + "".join(
-                "{:>10}".format(_fmt(readings.get(k + "_cpu_pct"))) for k in keys))
+                "{:>10}".format(fmt(readings.get(k + "_cpu_pct"))) for k in keys))
     server = result.get("server_metrics") or {}
     if server:
         lines.append("")
@@ -201,8 +214,8 @@ def table(result: Dict[str, Any]) -> str:
             "scenario", "commits", "events/commit", "ms/commit", "commit->socket ms"))
         for name, m in server.items():
             lines.append("  {:<12}{:>10}{:>16}{:>16}{:>22}".format(
-                name, _fmt(m.get("commits")), _fmt(m.get("mean_batch_events")), _fmt(m.get("mean_commit_ms")),
-                _fmt(m.get("mean_commit_to_socket_ms"))))
+                name, fmt(m.get("commits")), fmt(m.get("mean_batch_events")), fmt(m.get("mean_commit_ms")),
+                fmt(m.get("mean_commit_to_socket_ms"))))
     lines.extend(prefill.table_lines(result))
     for note in result.get("notes") or []:
         lines.append("")

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from pocketbridge.bench import load
 from pocketbridge.bench.runner import start_together
+from pocketbridge.bench.throttle import Throttle
 from pocketbridge.bench.stats import Window, merge_cpu, process_rss_kib, rate
 
 
@@ -42,12 +43,17 @@ async def handshakes(
     per_shard = max(1, _share(concurrency, shard, shards))
     clients = [load.new_client(reactor, url, ident) for ident in load.identities(n)]
     out: Dict[str, Any] = {"clients": n}
+    throttled: List[Throttle] = []
     for round_name in ("new", "returning"):
         await start_together(reactor, barrier)
         window = Window(server_pids if shard == 0 else ()).start()
-        ok, errors, durations = await load.connect_all(clients, per_shard)
+        ok, errors, durations = await load.connect_all(clients, per_shard, throttled)
         stats = window.stop()
         await load.close_all(reactor, ok)
+        if throttled:
+            if barrier is not None:
+                barrier.abort()  # the other shards stop at their next start_together
+            return {"throttled": throttled[0].as_dict()}
         out[round_name] = {
             "ok": len(ok), "errors": len(errors), "first_error": errors[0] if errors else None,
             "durations": durations, **stats,
@@ -103,10 +109,14 @@ async def memory(
     for target in counts:
         fresh = [load.new_client(reactor, url, ident) for ident in load.identities(max(0, target - len(clients)))]
         window = Window([server_pid]).start()
-        ok, errs, _ = await load.connect_all(fresh, concurrency)
+        throttled: List[Throttle] = []
+        ok, errs, _ = await load.connect_all(fresh, concurrency, throttled)
         connect_stats = window.stop()
         clients.extend(ok)
         errors.extend(errs)
+        if throttled:
+            await load.close_all(reactor, clients, timeout=30.0)
+            return {"throttled": throttled[0].as_dict()}
         await load.sleep(reactor, settle_time(len(clients)) if settle is None else settle)
         rss = process_rss_kib(server_pid) or 0
         steps.append({

@@ -121,6 +121,51 @@ def all_process_cpu() -> Dict[int, Tuple[str, float]]:
     return out
 
 
+def _children(pid: int) -> List[int]:
+    """The child pids of ``pid``: from ``/proc/<pid>/task/*/children``, else by scanning ``/proc`` for the ppid."""
+    found: List[int] = []
+    try:
+        tasks = os.listdir("/proc/{}/task".format(pid))
+        for tid in tasks:
+            with open("/proc/{}/task/{}/children".format(pid, tid)) as f:
+                found.extend(int(c) for c in f.read().split())
+        return found
+    except (OSError, ValueError):
+        pass
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/{}/stat".format(name), "rb") as f:
+                data = f.read().decode("ascii", "replace")
+            if int(data[data.rfind(")") + 2:].split()[1]) == pid:
+                found.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def with_descendants(pids: Iterable[int]) -> List[int]:
+    """
+    ``pids`` and every process below them. A server started with
+    ``--workers N`` is a supervisor and its worker processes: its CPU is the
+    sum over all of them, whichever pid the user gave.
+    """
+    out: List[int] = []
+    todo = [p for p in pids if p]
+    while todo:
+        pid = todo.pop(0)
+        if pid in out:
+            continue
+        out.append(pid)
+        todo.extend(_children(pid))
+    return out
+
+
 #: Command names counted as the database and bus of the system under test.
 _SERVICE_NAMES = {"postgres": "postgres_cpu_pct", "redis-server": "redis_cpu_pct"}
 
@@ -141,7 +186,7 @@ class Window:
     """
 
     def __init__(self, server_pids: Iterable[int] = ()) -> None:
-        self.server_pids = [p for p in server_pids if p]
+        self.server_pids = with_descendants(server_pids)  # a supervisor's workers count as the server
         self._t0 = 0.0
         self._own0 = 0.0
         self._srv0: Dict[int, Optional[float]] = {}
