@@ -223,11 +223,14 @@ class ReservationTests(SynchronousTestCase):
         self.assertNotIsInstance(self.reserve(budgets, "ip3", None), ApiError)
 
 
-class _Bus:
-    """What RedisLimits needs of the bus: its publisher connection (None while Redis is down)."""
+class _Redis:
+    """What RedisLimits needs of the node's RedisConnection: its command connection."""
 
-    def __init__(self, pub: Any) -> None:
-        self.pub = pub
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def command(self) -> Any:
+        return self.conn
 
 
 class RedisReservationTests(TestCase):
@@ -242,7 +245,8 @@ class RedisReservationTests(TestCase):
         u = urlparse(redis_url())
         conn = await txredisapi.Connection(u.hostname or "127.0.0.1", u.port or 6379, reconnect=False)
         self.addCleanup(conn.disconnect)
-        return RedisLimits(_Bus(conn), "pbtest:{}:".format(os.urandom(6).hex()), reactor.seconds)
+        return RedisLimits(_Redis(conn),  # type: ignore[arg-type]
+                            "pbtest:{}:".format(os.urandom(6).hex()), reactor.seconds)
 
     async def test_concurrent_reservations_are_exact(self) -> None:
         """20 reservations sent at once on two budgets (5 and 3 slots) grant exactly 3; a release frees one slot on both."""

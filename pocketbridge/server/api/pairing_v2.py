@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 
 from twisted.internet.task import deferLater
@@ -21,6 +21,9 @@ from pocketbridge.server import metrics
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object, query_arg, query_int
 from pocketbridge.server.api.pairing_budget import budgets_for
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 CODE_RE = re.compile(r"^[0-9]{6}\Z")
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")
@@ -39,7 +42,7 @@ def _text_field(body: Dict[str, Any], name: str) -> str:
 class MailboxRoutes:
     """Handlers of the five mailbox routes."""
 
-    def __init__(self, api: Api, node: Any) -> None:
+    def __init__(self, api: Api, node: Node) -> None:
         self.api = api
         self.node = node
         self.budgets = budgets_for(api, node)
@@ -179,7 +182,7 @@ class MailboxRoutes:
         raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the v2 pairing routes to ``api``."""
     r = MailboxRoutes(api, node)
     api.route("/api/pairing/v2", ["POST"], auth="signed")(r.create)
