@@ -224,12 +224,14 @@ class ReservationTests(SynchronousTestCase):
 
 
 class _Redis:
-    """What RedisLimits needs of the node's RedisConnection: its command connection."""
+    """What RedisLimits needs of the node's RedisConnection: its command connection (None while Redis is down)."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
     def command(self) -> Any:
+        if self.conn is None:
+            raise ConnectionError("redis unavailable")  # as RedisConnection.command
         return self.conn
 
 
@@ -281,7 +283,7 @@ class RedisReservationTests(TestCase):
         await limits.refund("hs", "a", 0.001, 3)
         self.assertEqual(await limits.take("hs", "a", 0.001, 3), 0.0)
         self.assertGreater(await limits.take("hs", "a", 0.001, 3), 0.0, "a refund gave back more than one token")
-        limits.bus.pub = None
+        limits.redis.conn = None  # type: ignore[attr-defined]
         ticket, _, _ = await limits.reserve("t", [("ip:b", 1)], 60)
         self.assertEqual(ticket[0], "local")
         self.assertIsNone((await limits.reserve("t", [("ip:b", 1)], 60))[0])

@@ -69,7 +69,7 @@ class DeliveryHub:
 
     # ----------------------------------------------------------- sessions
 
-    def attach(self, sink: LiveSink) -> "Deferred[Any]":
+    def attach(self, sink: LiveSink) -> "Deferred[bool]":
         """
         Start routing the user's events to ``sink`` (subscribes the node on first use).
 
