@@ -138,10 +138,10 @@ class NodeCapTests(SynchronousTestCase):
             return b"things"
 
         node = SimpleNamespace(settings=Settings(), draining=False, trusted_proxies=())
-        node.api = Api(Klein(), node, None)  # type: ignore[attr-defined]
+        api = Api(Klein(), node, None)  # type: ignore[arg-type]
         ws = WebSocketServerFactory()
         ws.protocol = WebSocketServerProtocol
-        return Root(node, app, ws)
+        return Root(node, app, ws, api)  # type: ignore[arg-type]
 
     def test_full_node_answers_health_but_refuses_the_rest(self) -> None:
         """In the cap's last slots a new address gets /health but 503 for the upgrade; past the cap, refused at accept."""

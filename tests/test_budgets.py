@@ -223,11 +223,16 @@ class ReservationTests(SynchronousTestCase):
         self.assertNotIsInstance(self.reserve(budgets, "ip3", None), ApiError)
 
 
-class _Bus:
-    """What RedisLimits needs of the bus: its publisher connection (None while Redis is down)."""
+class _Redis:
+    """What RedisLimits needs of the node's RedisConnection: its command connection (None while Redis is down)."""
 
-    def __init__(self, pub: Any) -> None:
-        self.pub = pub
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def command(self) -> Any:
+        if self.conn is None:
+            raise ConnectionError("redis unavailable")  # as RedisConnection.command
+        return self.conn
 
 
 class RedisReservationTests(TestCase):
@@ -242,7 +247,8 @@ class RedisReservationTests(TestCase):
         u = urlparse(redis_url())
         conn = await txredisapi.Connection(u.hostname or "127.0.0.1", u.port or 6379, reconnect=False)
         self.addCleanup(conn.disconnect)
-        return RedisLimits(_Bus(conn), "pbtest:{}:".format(os.urandom(6).hex()), reactor.seconds)
+        return RedisLimits(_Redis(conn),  # type: ignore[arg-type]
+                            "pbtest:{}:".format(os.urandom(6).hex()), reactor.seconds)
 
     async def test_concurrent_reservations_are_exact(self) -> None:
         """20 reservations sent at once on two budgets (5 and 3 slots) grant exactly 3; a release frees one slot on both."""
@@ -277,7 +283,7 @@ class RedisReservationTests(TestCase):
         await limits.refund("hs", "a", 0.001, 3)
         self.assertEqual(await limits.take("hs", "a", 0.001, 3), 0.0)
         self.assertGreater(await limits.take("hs", "a", 0.001, 3), 0.0, "a refund gave back more than one token")
-        limits.bus.pub = None
+        limits.redis.conn = None  # type: ignore[attr-defined]
         ticket, _, _ = await limits.reserve("t", [("ip:b", 1)], 60)
         self.assertEqual(ticket[0], "local")
         self.assertIsNone((await limits.reserve("t", [("ip:b", 1)], 60))[0])

@@ -26,7 +26,6 @@ from pocketbridge.server.gateway.connection import (
     HANDSHAKE, TRANSITIONS, ConnectionMachine, Input, InvalidTransition, State,
 )
 from pocketbridge.server.gateway.adapter import GatewayProtocol, make_factory
-from pocketbridge.server.fanout.hub import LocalBus
 from pocketbridge.server.storage import DeviceState
 from tests.conn_fakes import (
     DEVICE, UPGRADE, FakeStorage, FakeTCP, client_frame, close_code, connect, make_node, server_frames, text,
@@ -177,7 +176,6 @@ class GatewayLifecycleTests(SynchronousTestCase):
         self.storage = HandshakeStorage()
         self.node.storage = self.storage
         self.node.cursors.storage = self.storage
-        LocalBus(self.node.hub).control = self.node.on_control
         self.identity = Identity.generate()
 
     def frames(self, tcp: FakeTCP) -> List[Tuple[int, bytes]]:

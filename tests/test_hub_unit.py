@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pocketbridge.protocol.events import StoredEvent
 from pocketbridge.server.fanout.hub import DeliveryHub
 from pocketbridge.server.fanout.redisbus import RedisBus, _Subscriber
+from pocketbridge.server.fanout.redisconn import RedisConnection
 
 USER = "a" * 64
 DEV_A = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
@@ -80,7 +81,8 @@ class FakeSubscriber:
 
 
 class FakePublisher:
-    """Stands in for the publisher connection: records each PUBLISH."""
+    """Stands in for the command connection's protocol: records each PUBLISH (kept honest by
+    tests/test_wiring.py's contract tests, which run the same checks on a real Redis)."""
 
     def __init__(self) -> None:
         self.published: List[Tuple[str, bytes]] = []
@@ -155,15 +157,19 @@ class BusTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.storage = FakeStorage(head=0)
-        self.hub = DeliveryHub(self.storage)  # type: ignore[arg-type]
-        self.bus = RedisBus(self.clock, "redis://127.0.0.1:1", self.hub, self.storage, "n1", prefix="p:",
-                            held_users=3, resend_rate=40)
+        self.redis = RedisConnection(self.clock, "redis://127.0.0.1:1")
+
+        def bus(receiver: Any) -> RedisBus:
+            return RedisBus(self.clock, self.redis, receiver, "n1", prefix="p:", held_users=3, resend_rate=40)
+
+        self.hub = DeliveryHub(self.storage, bus)  # type: ignore[arg-type]
+        self.bus: RedisBus = self.hub.bus  # type: ignore[assignment]
         self.sub = FakeSubscriber()
         self.pub = FakePublisher()
 
     def connect(self) -> None:
         self.bus._subscriber_up(self.sub)  # type: ignore[arg-type]
-        self.bus._publisher_up(self.pub)  # type: ignore[arg-type]
+        self.redis._made(self.pub)  # type: ignore[arg-type]  # the command connection is up
 
     def confirm(self, channel: str) -> None:
         self.bus._confirmed(self.sub, channel.encode())  # type: ignore[arg-type]

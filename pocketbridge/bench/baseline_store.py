@@ -203,7 +203,7 @@ async def redis(reactor: Any, url: str, duration: float, warmup: float, window: 
     import txredisapi
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-    from pocketbridge.server.fanout.redisbus import parse_redis_url
+    from pocketbridge.server.fanout.redisconn import parse_redis_url
 
     host, port, db, password = parse_redis_url(url)
     channel = "pb-bench:{}".format(uuid.uuid4().hex)

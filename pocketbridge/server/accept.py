@@ -299,7 +299,7 @@ class AdmittedConnection(ProtocolWrapper):
         metrics.LIMIT_HITS.labels(limit=limit).inc()
         transport = self.transport
         if transport is not None:
-            transport.abortConnection()
+            transport.abortConnection()  # type: ignore[attr-defined]  # TCP and TLS transports have it
 
 
 class AdmissionFactory(WrappingFactory):

@@ -1,28 +1,34 @@
 """
-The per-node context every session shares: settings, storage, writer, hub,
-limits, presence and the delivery-cursor book. Built once in ``tap.py``.
+The per-node context every session and REST route shares: settings, storage,
+writer, hub, limits, presence and the delivery-cursor book. Built once in
+``tap.py`` from objects already wired (the hub holds its bus); it holds
+handles, it builds nothing that needs another handle later.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from nacl.signing import SigningKey
 
 from pocketbridge.server import metrics
 
-from pocketbridge.protocol import wire
 from pocketbridge.server.config import Settings, trusted_proxy_set
+from pocketbridge.server.fanout.bus import Control
 from pocketbridge.server.fanout.hub import DeliveryHub
-from pocketbridge.server.cluster.limits import LocalLimits
-from pocketbridge.server.cluster.presence import LocalPresence
+from pocketbridge.server.cluster.limits import Limits, LocalLimits
+from pocketbridge.server.cluster.presence import LocalPresence, Presence
 from pocketbridge.server.buckets import BucketMap
 from pocketbridge.server.storage import Storage
 from pocketbridge.server.writer import EventWriter
+
+if TYPE_CHECKING:
+    from pocketbridge.server.gateway.adapter import GatewayProtocol
 
 log = Logger()
 
@@ -77,7 +83,12 @@ class CursorBook:
 
 
 class Node:
-    """Everything a gateway connection needs from its node."""
+    """
+    Everything a gateway connection or a REST route needs from its node.
+
+    ``presence`` and ``limits`` default to the in-process kinds (embedded
+    shape); ``tap.py`` passes the Redis-backed ones in a cluster.
+    """
 
     def __init__(
         self,
@@ -86,11 +97,11 @@ class Node:
         writer: EventWriter,
         hub: DeliveryHub,
         clock: IReactorTime,
-        server_key: Any,
+        server_key: SigningKey,
         node_id: str,
         rng: Optional[random.Random] = None,
-        presence: Any = None,
-        limits: Any = None,
+        presence: Optional[Presence] = None,
+        limits: Optional[Limits] = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -99,9 +110,9 @@ class Node:
         self.clock = clock
         self.server_key = server_key
         self.node_id = node_id
-        self.rng = rng or random.SystemRandom()
+        self.rng: random.Random = rng or random.SystemRandom()
         self.cursors = CursorBook(storage, clock, settings.cursor_flush_interval, self.now_ms)
-        self.presence = presence if presence is not None else LocalPresence()
+        self.presence: Presence = presence if presence is not None else LocalPresence()
         now = clock.seconds
         s = settings
         self.device_events: BucketMap[Tuple[str, str]] = BucketMap(s.events_per_device_rate, s.events_per_device_burst, now)
@@ -109,9 +120,9 @@ class Node:
         self.user_bytes: BucketMap[str] = BucketMap(s.bytes_per_user_rate, s.bytes_per_user_burst, now)
         # Limits every node shares (Redis in a cluster): connections and handshake
         # failures per IP, the REST budget, pairing failures, the replay cache.
-        self.limits: Any = limits if limits is not None else LocalLimits(now)
+        self.limits: Limits = limits if limits is not None else LocalLimits(now)
         self.trusted_proxies = trusted_proxy_set(settings)
-        self.connections: Set[Any] = set()
+        self.connections: Set["GatewayProtocol"] = set()  # open sockets, authenticated or not
         self.draining = False
         self.started_at = clock.seconds()
 
@@ -121,8 +132,10 @@ class Node:
 
     def sweep(self) -> None:
         """Drop idle rate-limit state (called periodically)."""
-        for m in (self.device_events, self.user_events, self.user_bytes, self.limits):
-            m.sweep()
+        self.device_events.sweep()
+        self.user_events.sweep()
+        self.user_bytes.sweep()
+        self.limits.sweep()
 
     def announce_presence(
         self, user_id: str, device_id: str, name: Optional[str], dtype: str, online: bool, now: int
@@ -133,40 +146,15 @@ class Node:
             "device_name": name, "device_type": dtype, "is_online": online, "timestamp": now,
         }, exclude_device=device_id)
 
-    # Effects that must reach every node. In the embedded shape the bus is
-    # in-process; the Redis bus carries the same messages on its control channel.
-
-    def broadcast(self, message: Dict[str, Any]) -> None:
-        """Send a control message to every node (this one included)."""
+    def broadcast(self, message: Control) -> None:
+        """
+        Send a control message to every node, this one included (the hub
+        applies it, see ``DeliveryHub.on_control``). In the embedded shape the
+        bus is in-process; the Redis bus carries it on its control channel.
+        """
         self.hub.bus.publish_control(message)
-
-    def on_control(self, message: Dict[str, Any]) -> None:
-        """Apply a control message on this node."""
-        kind = message.get("kind")
-        if kind == "resync":
-            self.hub.resync_all()
-            return
-        user = message.get("user_id")
-        if not isinstance(user, str):
-            return
-        if kind == "revoke":
-            device = message.get("device_id")
-            notice = wire.encode("device_revoked", {
-                "type": "device_revoked", "device_id": device, "reason": message.get("reason", "revoked"),
-                "timestamp": message.get("timestamp"),
-            })
-            self.hub.close_device(user, device, 4003, "Device revoked", notice)
-        elif kind == "delete_user":
-            self.hub.close_device(user, None, 4003, "Account deleted", None)
-            self.hub.forget_user(user)
-        elif kind == "notice":
-            self.hub.notify_user(user, message["type"], message["payload"], exclude_device=message.get("exclude_device"))
 
     def notify(self, user_id: str, msg_type: str, payload: Dict[str, Any], exclude_device: Optional[str] = None) -> None:
         """A notice to every socket of the user on every node."""
         self.broadcast({"kind": "notice", "user_id": user_id, "type": msg_type, "payload": payload,
                         "exclude_device": exclude_device})
-
-    def sessions_of(self, user_id: str) -> List[Any]:
-        """This node's authenticated sessions of a user."""
-        return self.hub.sinks(user_id)

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -31,6 +31,14 @@ from twisted.python import usage
 from pocketbridge.server import config
 from pocketbridge.server.config import ConfigError, Settings
 from pocketbridge.server.cluster.drain import start_drain
+
+if TYPE_CHECKING:  # the server's own dependencies are imported in makeService, not here
+    from pocketbridge.server.cluster.limits import Limits
+    from pocketbridge.server.cluster.presence import Presence
+    from pocketbridge.server.context import Node
+    from pocketbridge.server.fanout.bus import Bus, BusReceiver
+    from pocketbridge.server.fanout.redisconn import RedisConnection
+    from pocketbridge.server.storage import Outcome, Storage
 
 log = Logger()
 
@@ -109,7 +117,7 @@ def _fail(message: str) -> "SystemExit":
 class _Loops(Service):
     """Periodic node upkeep: cursor writes and rate-limit sweeps."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         self.sweep = LoopingCall(node.sweep)
         self.sweep.clock = node.clock
@@ -130,7 +138,7 @@ class _Loops(Service):
         self.sweep.start(60, now=False)
         self.refresh.start(self.node.settings.presence_ttl / 3.0, now=False)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         for loop in (self.sweep, self.refresh):
             if loop.running:
@@ -141,14 +149,14 @@ class _Loops(Service):
 class _Storage(Service):
     """Opens the connection pool on start, closes it last."""
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
     def startService(self) -> None:
         super().startService()
         self.storage.open()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         self.storage.close()
 
@@ -156,10 +164,10 @@ class _Storage(Service):
 class _Gateway(Service):
     """On stop: close sockets 1001 and flush the writer before the pool closes."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
-    def stopService(self) -> "Deferred[Any]":
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         node = self.node
 
@@ -190,18 +198,27 @@ class OrderedServices(MultiService):
         return Deferred.fromCoroutine(stop_all())
 
 
-def makeService(options: Options) -> MultiService:
-    """Wire the server from its options."""
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    Wire the server from its options, in dependency order: storage, Redis,
+    hub and bus, writer, node context, web, jobs. Each object gets what it
+    uses from its constructor; nothing is patched in afterwards. ``reactor``
+    is the global one unless given (tests pass a ``MemoryReactorClock``).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
 
     from pocketbridge.server.accept import Admission, AdmissionFactory, connection_budget, raise_fd_limit
-    from pocketbridge.server.gateway.adapter import make_factory
-    from pocketbridge.server.fanout.hub import DeliveryHub, LocalBus
-    from pocketbridge.server.keys import load_server_key
+    from pocketbridge.server.cluster.jobs import Jobs
     from pocketbridge.server.context import Node
+    from pocketbridge.server.fanout.hub import DeliveryHub
+    from pocketbridge.server.gateway.adapter import make_factory
+    from pocketbridge.server.keys import load_server_key
     from pocketbridge.server.storage import open_storage
     from pocketbridge.server.storage.sync import migrate_now
-    from pocketbridge.server.web import Root, build_app, build_site, metrics_site
+    from pocketbridge.server.web import Root, build_api, build_site, metrics_site
     from pocketbridge.server.writer import EventWriter
     from pocketbridge.server import workers
 
@@ -228,35 +245,25 @@ def makeService(options: Options) -> MultiService:
 
     # After twistd has started its log observers (it does so after makeService).
     reactor.callWhenRunning(_set_log_level, settings.log_level)
-    storage = open_storage(settings)
-    hub = DeliveryHub(storage, read_page=settings.hub_read_page)
     node_id = settings.node_id or "{}:{}".format(socket.gethostname(), os.getpid())
-    bus: Any
-    if settings.redis:
-        from pocketbridge.server.fanout.redisbus import RedisBus
+    storage = open_storage(settings)
+    redis = _redis_connection(reactor, settings)
+    hub = DeliveryHub(storage, _bus_maker(reactor, redis, settings, node_id), read_page=settings.hub_read_page)
 
-        bus = RedisBus(reactor, settings.redis, hub, storage, node_id, prefix=settings.redis_prefix,
-                       held_users=settings.bus_held_users, resend_rate=settings.bus_resend_rate)
-    else:
-        bus = LocalBus(hub)
+    def publish(outcome: Outcome) -> None:
+        """The writer's effect after a commit: every node's hub hears of the stored event."""
+        if outcome.stored is not None:
+            hub.bus.publish_event(outcome.stored)
+
     writer = EventWriter(
-        storage, reactor, lambda outcome: bus.publish_event(outcome.stored), settings.max_user_bytes,
+        storage, reactor, publish, settings.max_user_bytes,
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
         retry_max=settings.writer_retry_max, log_interval=settings.storage_log_interval,
     )
-    presence: Any = None
-    limits: Any = None
-    if settings.redis:
-        from pocketbridge.server.cluster.limits import RedisLimits
-        from pocketbridge.server.cluster.presence import RedisPresence
-
-        presence = RedisPresence(bus, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix,
-                                 settings.presence_ttl)
-        limits = RedisLimits(bus, settings.redis_prefix, reactor.seconds)
+    presence, limits = _shared_state(reactor, redis, settings, node_id)
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)
-    bus.control = node.on_control
-    app = build_app(node)
-    site = build_site(Root(node, app, make_factory(node)), reactor)
+    api = build_api(node)
+    site = build_site(Root(node, api.app, make_factory(node), api), reactor)
     old_soft, fd_soft, fd_hard = raise_fd_limit()
     budget = connection_budget(fd_soft, settings.fd_reserve, settings.db_pool_size, settings.max_connections)
     # The private --metrics-listen port has its own small share of the
@@ -270,31 +277,23 @@ def makeService(options: Options) -> MultiService:
 
     top = OrderedServices()
     _Storage(storage).setServiceParent(top)
-    if settings.redis:
-        bus.setServiceParent(top)
+    if redis is not None:
+        redis.setServiceParent(top)
     _Loops(node).setServiceParent(top)
     _Gateway(node).setServiceParent(top)
-    try:
-        endpoint = serverFromString(reactor, _with_backlog(settings.listen, settings.listen_backlog))
-    except (ValueError, TypeError, KeyError) as e:
-        raise _fail("configuration error: --listen: {}".format(_one_line(e)))
     if seat is not None:  # a worker adopts its supervisor's socket
-        endpoint = workers.AdoptedEndpoint(reactor, seat, settings.listen)
+        endpoint: Any = workers.AdoptedEndpoint(reactor, seat, settings.listen)
         workers.worker_services(reactor, seat, settings).setServiceParent(top)
+    else:
+        endpoint = _endpoint(reactor, settings.listen, settings.listen_backlog, "--listen")
     web = StreamServerEndpointService(endpoint, AdmissionFactory(site, admission, _refuse_with_none(settings.listen)))
     web._raiseSynchronously = True
     web.setServiceParent(top)
-    from pocketbridge.server.cluster.jobs import Jobs
-
     Jobs(node, settings.jobs_interval, settings.job_batch).setServiceParent(top)
     if settings.metrics_listen and seat is None:  # a worker's is for its supervisor only
-        try:
-            m_endpoint = serverFromString(reactor, _with_backlog(settings.metrics_listen, settings.listen_backlog))
-        except (ValueError, TypeError, KeyError) as e:
-            raise _fail("configuration error: --metrics-listen: {}".format(_one_line(e)))
         StreamServerEndpointService(
-            m_endpoint,
-            AdmissionFactory(metrics_site(node, reactor),
+            _endpoint(reactor, settings.metrics_listen, settings.listen_backlog, "--metrics-listen"),
+            AdmissionFactory(metrics_site(node, api.auth, reactor),
                              Admission.from_settings(reactor, settings, max(1, private), reserved=0),
                              _refuse_with_none(settings.metrics_listen)),
         ).setServiceParent(top)
@@ -309,6 +308,52 @@ def makeService(options: Options) -> MultiService:
     if settings.listen.startswith("tcp") and not settings.trusted_proxies:
         log.warn("listening on plain TCP without a trusted proxy: use TLS (ssl:...) in production")
     return top
+
+
+def _redis_connection(reactor: Any, settings: Settings) -> Optional[RedisConnection]:
+    """The node's Redis connection in the cluster shape (``--redis``); None in the embedded shape."""
+    if not settings.redis:
+        return None
+    from pocketbridge.server.fanout.redisconn import RedisConnection
+
+    return RedisConnection(reactor, settings.redis)
+
+
+def _bus_maker(reactor: Any, redis: Optional[RedisConnection], settings: Settings,
+               node_id: str) -> Callable[[BusReceiver], Bus]:
+    """How the hub makes its bus: in-process, or over ``redis``."""
+    from pocketbridge.server.fanout.localbus import LocalBus
+
+    if redis is None:
+        return LocalBus
+    from pocketbridge.server.fanout.redisbus import RedisBus
+
+    def redis_bus(receiver: BusReceiver) -> Bus:
+        return RedisBus(reactor, redis, receiver, node_id, prefix=settings.redis_prefix,
+                        held_users=settings.bus_held_users, resend_rate=settings.bus_resend_rate)
+
+    return redis_bus
+
+
+def _shared_state(reactor: Any, redis: Optional[RedisConnection], settings: Settings,
+                  node_id: str) -> Tuple[Optional[Presence], Optional[Limits]]:
+    """Presence and limits every node shares (over ``redis``); None, None for the node's own in-process ones."""
+    if redis is None:
+        return None, None
+    from pocketbridge.server.cluster.limits import RedisLimits
+    from pocketbridge.server.cluster.presence import RedisPresence
+
+    presence = RedisPresence(redis, node_id, lambda: int(reactor.seconds() * 1000), settings.redis_prefix,
+                             settings.presence_ttl)
+    return presence, RedisLimits(redis, settings.redis_prefix, reactor.seconds)
+
+
+def _endpoint(reactor: Any, listen: str, backlog: int, option: str) -> Any:
+    """The server endpoint of a listen string; a bad one ends the process with one line naming ``option``."""
+    try:
+        return serverFromString(reactor, _with_backlog(listen, backlog))
+    except (ValueError, TypeError, KeyError) as e:
+        raise _fail("configuration error: {}: {}".format(option, _one_line(e)))
 
 
 def _with_backlog(listen: str, backlog: int) -> str:

@@ -7,7 +7,7 @@ This module holds the routes every deployment needs (``/ws``, ``/health``,
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import TYPE_CHECKING, Any, Tuple
 
 from autobahn.twisted.resource import WebSocketResource
 from klein import Klein
@@ -18,16 +18,18 @@ from twisted.web.server import Site
 from pocketbridge import __version__
 from pocketbridge.server.accept import RESTRICTED_PATHS, AdmittedRequest, admitted_connection
 from pocketbridge.server.api import install_api
+from pocketbridge.server.api.auth import Authenticator
 from pocketbridge.server.api.http import Api, ApiError, Raw
 
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
-def build_app(node: Any) -> Klein:
-    """The Klein application serving ``/health``, ``/metrics`` and the REST API."""
-    app = Klein()
-    api = install_api(app, node)
-    node.api = api
+
+def build_api(node: Node) -> Api:
+    """The REST API with ``/health`` and ``/metrics``; ``api.app`` is its Klein application."""
+    api = install_api(Klein(), node)
     add_health_routes(api, node, metrics_here=not node.settings.metrics_listen)
-    return app
+    return api
 
 
 class _Draining(Resource):
@@ -55,16 +57,17 @@ class _Full(_Draining):
 class Root(Resource):
     """
     ``/ws`` goes straight to the WebSocket resource (the handshake path skips
-    Klein's routing); every other path goes to the Klein app.
+    Klein's routing); every other path goes to the Klein app. ``api``
+    renders the 503 answers of a draining or full node.
     """
 
-    def __init__(self, node: Any, app: Klein, ws_factory: Any) -> None:
+    def __init__(self, node: Node, app: Klein, ws_factory: Any, api: Api) -> None:
         super().__init__()
         self.node = node
         self.app_resource = app.resource()
         self.ws = WebSocketResource(ws_factory)
-        self.draining = _Draining(node.api)
-        self.full = _Full(node.api)
+        self.draining = _Draining(api)
+        self.full = _Full(api)
 
     def getChild(self, path: bytes, request: Any) -> Any:
         if self._restricted(request):
@@ -87,7 +90,7 @@ class Root(Resource):
         return conn is not None and conn.restricted and request.path not in RESTRICTED_PATHS
 
 
-def add_health_routes(api: Api, node: Any, metrics_here: bool = True) -> None:
+def add_health_routes(api: Api, node: Node, metrics_here: bool = True) -> None:
     """``/health`` (and ``/api/health``) and, unless served elsewhere, ``/metrics``."""
 
     async def health(request: Any, caller: Any) -> Tuple[int, Any]:
@@ -141,9 +144,9 @@ def build_site(root: Any, reactor: Any = None) -> Site:
     return site
 
 
-def metrics_site(node: Any, reactor: Any = None) -> Site:
+def metrics_site(node: Node, auth: Authenticator, reactor: Any = None) -> Site:
     """A separate site serving only ``/metrics`` (``--metrics-listen``)."""
     app = Klein()
-    api = Api(app, node, node.api.auth)
+    api = Api(app, node, auth)
     api.route("/metrics", ["GET"], auth="none", rate_limited=False)(metrics_route)
     return build_site(app, reactor)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import orjson
 
@@ -22,6 +22,9 @@ from pocketbridge.protocol.wire import HEX128_RE
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, parse_body, query_int
 from pocketbridge.server.api.jsstringify import stringify, to_iso_string
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 MAX_DISPLAY_NAME = 100  # code points
 MAX_EMAIL = 254
@@ -96,7 +99,7 @@ def optional_object(request: Any) -> Dict[str, Any]:
     return value
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the account routes to api."""
     storage = node.storage
 

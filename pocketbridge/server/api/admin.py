@@ -9,7 +9,7 @@ here answers 404 (the Authenticator decides that).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from twisted.logger import Logger
 
@@ -18,6 +18,9 @@ from pocketbridge.server.storage.q_devices import NOT_FOUND
 from pocketbridge.protocol.wire import HEX64_RE, is_uuid
 from pocketbridge.server.api.devices import revoke as revoke_device
 from pocketbridge.server.api.http import Api, ApiError
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -34,13 +37,13 @@ def _ids(user_id: str, device_id: str) -> Tuple[str, str]:
     return user_id.lower(), device_id.lower()
 
 
-def node_stats(node: Any) -> Dict[str, Any]:
+def node_stats(node: Node) -> Dict[str, Any]:
     """This node's line of ``/admin/stats``: open sockets (authenticated or not), devices online here."""
     _, devices_online = node.presence.node_summary()
     return {"node_id": node.node_id, "connections": len(node.connections), "devices_online": devices_online}
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the admin routes to api."""
 
     @api.route("/admin/stats", ["GET"], auth="admin")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from pocketbridge.protocol import crypto
 
@@ -17,6 +17,9 @@ from pocketbridge.protocol.crypto import signed_message
 from pocketbridge.server.storage.q_replay import StorageReplayCache
 from pocketbridge.protocol.wire import HEX64_RE, HEX128_RE, is_uuid
 from pocketbridge.server.api.http import ApiError
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 PARAM_RE = re.compile(r"^\s*([a-z]+)=([^,\s]*)\s*\Z")
 TS_RE = re.compile(r"^[0-9]{1,16}\Z")
@@ -57,7 +60,7 @@ def parse_authorization(value: str) -> Optional[Dict[str, str]]:
 class Authenticator:
     """Decides who a request is from, by the route's auth mode."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         # The replay cache: in Redis when there is one (shared by all nodes of a
         # cluster), else in storage, so that a restart does not forget it.

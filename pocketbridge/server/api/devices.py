@@ -14,7 +14,7 @@ socket's node then tells the user's other devices that it went offline.
 from __future__ import annotations
 
 import unicodedata
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -23,6 +23,9 @@ from pocketbridge.server.storage.q_devices import ALREADY, NAME_TAKEN, NOT_FOUND
 from pocketbridge.protocol.wire import is_uuid
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object, query_arg
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -78,7 +81,7 @@ def _not_found() -> ApiError:
     return ApiError(404, "NOT_FOUND", "Device not found")
 
 
-async def revoke(node: Any, user_id: str, device_id: str, reason: str = "revoked") -> str:
+async def revoke(node: Node, user_id: str, device_id: str, reason: str = "revoked") -> str:
     """
     Revoke a device of a user (tombstone, then close its sockets on every node
     with ``device_revoked`` and 4003). Fires with ``revoked``, ``already`` or
@@ -96,7 +99,7 @@ async def revoke(node: Any, user_id: str, device_id: str, reason: str = "revoked
 class DeviceRoutes:
     """Handlers of the devices routes; ``node`` supplies storage, presence and the bus."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     # ---------------------------------------------------------------- views
@@ -245,7 +248,7 @@ class DeviceRoutes:
         }
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the devices routes to api."""
     r = DeviceRoutes(node)
     api.route("/api/devices", ["GET"], auth="signed_or_legacy")(r.list_devices)

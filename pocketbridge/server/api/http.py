@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import orjson
 from klein.resource import KleinResource
@@ -27,6 +27,12 @@ from pocketbridge.server import metrics
 
 from pocketbridge.protocol import wire
 from pocketbridge.server.storage import StorageUnavailable
+
+if TYPE_CHECKING:
+    from klein import Klein
+
+    from pocketbridge.server.api.auth import Authenticator
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -150,7 +156,7 @@ def _origin_allowed(origins: Tuple[str, ...], origin: Optional[str]) -> bool:
 class Api:
     """Registers routes on a Klein app with the common behaviour of API.md §2."""
 
-    def __init__(self, app: Any, node: Any, auth: Any) -> None:
+    def __init__(self, app: Klein, node: Node, auth: Authenticator) -> None:
         self.app = app
         self.node = node
         self.auth = auth
@@ -165,7 +171,7 @@ class Api:
         app.handle_errors(MethodNotAllowed)(self._not_allowed)
         app.handle_errors(HTTPException)(self._not_found)  # a redirect or anything else the router raises
         # URLs Klein cannot decode (non-UTF-8 path or Host) are refused before its routing.
-        app.resource = lambda: ApiResource(app, self)
+        app.resource = lambda: ApiResource(app, self)  # type: ignore[method-assign]  # on this app only
 
     # ---------------------------------------------------------------- helpers
 
@@ -351,7 +357,7 @@ class ApiResource(KleinResource):
                                 "(url)")
             if isinstance(d, bytes):
                 return d
-            finished = []
+            finished: List[Any] = []
             request.notifyFinish().addBoth(finished.append)
 
             def write(body: bytes) -> None:

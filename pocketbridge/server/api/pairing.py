@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -30,6 +30,9 @@ from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object
 from pocketbridge.server.api.jsstringify import to_iso_string
 from pocketbridge.server.api.pairing_budget import budgets_for
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -94,7 +97,7 @@ class CodeHasher:
         return hmac.new(self._key, code.encode("ascii"), hashlib.sha256).hexdigest()
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the v1 pairing routes to api."""
     sealer = RecordSealer(bytes(node.server_key))
     code_key = CodeHasher(bytes(node.server_key))

@@ -27,13 +27,16 @@ or in Redis so that every node of a cluster spends one budget).
 from __future__ import annotations
 
 import math
-from typing import Any, Awaitable, Callable, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pocketbridge.server import metrics
 from pocketbridge.server.api.http import ApiError
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 log = Logger()
 
@@ -163,7 +166,8 @@ class PairingBudgets:
                 waiter: "Deferred[int]" = Deferred()
                 self._counting.append(waiter)
                 return await waiter
-            self._counting = waiters = []
+            waiters: List["Deferred[int]"] = []
+            self._counting = waiters
             try:
                 self._live = (t, int(await self.count_live()))
             except BaseException as e:
@@ -231,7 +235,7 @@ class PairingBudgets:
         await self.counters.add(GLOBAL_KEY)
 
 
-def budgets_for(api: Any, node: Any) -> PairingBudgets:
+def budgets_for(api: Any, node: Node) -> PairingBudgets:
     """The node's one ``PairingBudgets`` (created on first use; v1 and v2 pairing share it)."""
     budgets = getattr(api, "pairing_budgets", None)
     if budgets is None:

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 
 from twisted.internet.task import deferLater
@@ -22,6 +22,9 @@ from pocketbridge.server import metrics
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object, query_arg, query_int
 from pocketbridge.server.api.pairing_budget import budgets_for
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
 
 B64_TEXT_RE = re.compile(r"^[A-Za-z0-9+/=_-]+\Z")
 MAX_MSG = 16 * 1024
@@ -38,7 +41,7 @@ def _text_field(body: Dict[str, Any], name: str) -> str:
 class MailboxRoutes:
     """Handlers of the five mailbox routes."""
 
-    def __init__(self, api: Api, node: Any) -> None:
+    def __init__(self, api: Api, node: Node) -> None:
         self.api = api
         self.node = node
         self.budgets = budgets_for(api, node)
@@ -178,7 +181,7 @@ class MailboxRoutes:
         raise ApiError(404, "NOT_FOUND", "Pairing code not found or expired")
 
 
-def register(api: Api, node: Any) -> None:
+def register(api: Api, node: Node) -> None:
     """Add the v2 pairing routes to ``api``."""
     r = MailboxRoutes(api, node)
     api.route("/api/pairing/v2", ["POST"], auth="signed")(r.create)

@@ -16,10 +16,15 @@ read (the server deduplicates them).
 from __future__ import annotations
 
 import weakref
-from typing import Any, List, Optional, Set
+from typing import TYPE_CHECKING, List, Optional, Set
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
+    from pocketbridge.server.gateway.adapter import GatewayProtocol
 
 log = Logger()
 
@@ -30,7 +35,7 @@ POLL_INTERVAL = 0.1
 GRACE = 10.0
 CLOSE_REASON = "Server going away"
 
-_active: "weakref.WeakKeyDictionary[Any, Drain]" = weakref.WeakKeyDictionary()
+_active: "weakref.WeakKeyDictionary[Node, Drain]" = weakref.WeakKeyDictionary()
 
 
 class Drain:
@@ -40,17 +45,17 @@ class Drain:
     ``node.clock``). Reactor thread only.
     """
 
-    def __init__(self, node: Any, window: float) -> None:
+    def __init__(self, node: Node, window: float) -> None:
         self.node = node
         self.window = max(0.0, float(window))
         self.started_at = 0.0
         self.closed = 0
         self.finished = False
-        self._closers: List[Any] = []  # one timer per socket open at the start
-        self._sweeper: Optional[Any] = None
-        self._asked: Set[Any] = set()  # sockets already sent their close
+        self._closers: List[IDelayedCall] = []  # one timer per socket open at the start
+        self._sweeper: Optional[IDelayedCall] = None
+        self._asked: Set[GatewayProtocol] = set()  # sockets already sent their close
         self._waiters: List["Deferred[int]"] = []
-        self._poll: Optional[Any] = None
+        self._poll: Optional[IDelayedCall] = None
 
     def start(self) -> None:
         """Refuse new sockets and schedule the closing of the open ones."""
@@ -75,7 +80,7 @@ class Drain:
             self._waiters.append(d)
         return d
 
-    def _close(self, proto: Any) -> None:
+    def _close(self, proto: GatewayProtocol) -> None:
         if proto not in self.node.connections or proto in self._asked:
             return  # gone on its own meanwhile, or closing already
         self._asked.add(proto)
@@ -117,7 +122,7 @@ class Drain:
             d.callback(self.closed)
 
 
-def start_drain(node: Any, window: float) -> "Deferred[int]":
+def start_drain(node: Node, window: float) -> "Deferred[int]":
     """
     Start draining ``node`` over ``window`` seconds (a second call joins the
     drain under way and keeps its window). The Deferred fires with the number
@@ -131,6 +136,6 @@ def start_drain(node: Any, window: float) -> "Deferred[int]":
     return drain.wait()
 
 
-def current_drain(node: Any) -> Optional[Drain]:
+def current_drain(node: Node) -> Optional[Drain]:
     """The drain under way on ``node``, if any."""
     return _active.get(node)

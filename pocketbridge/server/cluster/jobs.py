@@ -10,7 +10,7 @@ logged and does not stop the others or the next run.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -19,6 +19,9 @@ from twisted.logger import Logger
 
 from pocketbridge.server import metrics
 
+if TYPE_CHECKING:
+    from pocketbridge.server.context import Node
+
 log = Logger()
 MAX_BATCHES_PER_RUN = 100
 
@@ -26,7 +29,7 @@ MAX_BATCHES_PER_RUN = 100
 class Jobs(Service):
     """Runs every job every ``interval`` seconds."""
 
-    def __init__(self, node: Any, interval: float = 60.0, batch: int = 1000) -> None:
+    def __init__(self, node: Node, interval: float = 60.0, batch: int = 1000) -> None:
         self.node = node
         self.interval = interval
         self.batch = batch

@@ -20,17 +20,45 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from pocketbridge.server.buckets import TokenBucket
 
+if TYPE_CHECKING:  # txredisapi is a server-only dependency
+    from pocketbridge.server.fanout.redisconn import Commands, RedisConnection
+
 log = Logger()
 
 # A reservation: which store granted it and, per budget key, the window it was taken in.
 Ticket = Tuple[str, List[Tuple[str, Any]]]
+
+
+class Limits(Protocol):
+    """The shared limits a node uses; ``LocalLimits`` and ``RedisLimits`` both offer them (documented there)."""
+
+    def take(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[float]": ...
+
+    def peek(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[float]": ...
+
+    def charge(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]": ...
+
+    def refund(self, name: str, key: str, rate: float, burst: float, n: float = 1.0) -> "Deferred[None]": ...
+
+    def window(self, name: str, key: str, window_s: float, add: int = 0) -> "Deferred[Tuple[int, int]]": ...
+
+    def budget_count(self, name: str, key: str, window_s: float, add: int = 0) -> "Deferred[Tuple[int, int]]": ...
+
+    def reserve(self, name: str, limits: Sequence[Tuple[str, int]], window_s: float
+                ) -> "Deferred[Tuple[Optional[Ticket], int, List[str]]]": ...
+
+    def release(self, name: str, ticket: Ticket) -> "Deferred[None]": ...
+
+    def insert_if_absent(self, key: str, expires_at_ms: int, now_ms: int) -> "Deferred[bool]": ...
+
+    def sweep(self) -> None: ...
 
 
 class LocalLimits:
@@ -237,19 +265,16 @@ def _text(value: Any) -> str:
 
 
 class RedisLimits:
-    """The same operations, shared through Redis (the bus's publisher connection)."""
+    """The same operations, shared through Redis (the node's command connection)."""
 
-    def __init__(self, bus: Any, prefix: str, now: Callable[[], float]) -> None:
-        self.bus = bus
+    def __init__(self, redis: RedisConnection, prefix: str, now: Callable[[], float]) -> None:
+        self.redis = redis
         self.prefix = prefix
         self.now = now
         self.fallback = LocalLimits(now)
 
-    def _conn(self) -> Any:
-        conn = self.bus.pub
-        if conn is None:
-            raise ConnectionError("redis unavailable")
-        return conn
+    def _conn(self) -> Commands:
+        return self.redis.command()
 
     def _bucket_op(self, mode: str, name: str, key: str, rate: float, burst: float, n: float) -> "Deferred[float]":
         async def run() -> float:

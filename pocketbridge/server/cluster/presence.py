@@ -11,12 +11,37 @@ Both offer the same Deferred-returning interface.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Protocol, Tuple
 
 import orjson
 from twisted.internet.defer import Deferred, succeed
 
+if TYPE_CHECKING:  # txredisapi is a server-only dependency
+    from pocketbridge.server.fanout.redisconn import Commands, RedisConnection
+
 SocketMap = Dict[str, Dict[str, int]]  # device_id → {socket_key: auth_ms}
+
+
+class Presence(Protocol):
+    """What the node needs of presence; ``LocalPresence`` and ``RedisPresence`` both offer it."""
+
+    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]": ...
+
+    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]": ...
+
+    def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]": ...
+
+    def user_sockets(self, user_id: str) -> "Deferred[SocketMap]": ...
+
+    def node_summary(self) -> Tuple[int, int]: ...
+
+    def refresh(self) -> "Deferred[None]": ...
+
+    def publish_node(self, node_id: str, stats: Dict[str, Any]) -> "Deferred[None]": ...
+
+    def node_stats(self) -> "Deferred[List[Dict[str, Any]]]": ...
+
+    def sweep(self, now_ms: int) -> "Deferred[List[Tuple[str, str]]]": ...
 
 
 class LocalPresence:
@@ -133,11 +158,12 @@ return out
 
 
 class RedisPresence:
-    """Presence shared by every node through Redis (commands go over the bus's publisher connection)."""
+    """Presence shared by every node through Redis (the node's command connection)."""
 
-    def __init__(self, bus: Any, node_id: str, now_ms: Any, prefix: str, ttl_s: float = 60.0) -> None:
+    def __init__(self, redis: RedisConnection, node_id: str, now_ms: Callable[[], int], prefix: str,
+                 ttl_s: float = 60.0) -> None:
         self.ttl_ms = int(ttl_s * 1000)
-        self.bus = bus
+        self.redis = redis
         self.node_id = node_id
         self.now_ms = now_ms
         self.prefix = prefix
@@ -150,11 +176,8 @@ class RedisPresence:
     def _field(self, device_id: str, socket_id: str) -> str:
         return "{}|{}|{}".format(device_id, self.node_id, socket_id)
 
-    def _conn(self) -> Any:
-        conn = self.bus.pub
-        if conn is None:
-            raise ConnectionError("redis unavailable")
-        return conn
+    def _conn(self) -> Commands:
+        return self.redis.command()
 
     async def _eval(self, script: str, keys: List[str], args: List[Any]) -> Any:
         return await self._conn().eval(script, keys, [str(a) for a in args])

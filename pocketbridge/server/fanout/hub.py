@@ -1,8 +1,8 @@
 """
 The delivery hub: routes committed events and notices to this node's sockets.
 
-The bus (in-process here, Redis in a cluster) is only a wake-up; storage is
-the truth. Per user the hub remembers the highest seq it routed; a
+The bus (``LocalBus`` in one process, ``RedisBus`` in a cluster) is only a
+wake-up; storage is the truth. Per user the hub remembers the highest seq it routed; a
 notification above that + 1 makes it read the missing range from storage
 first, so every socket sees the user's events contiguously in ``seq`` order
 (ARCHITECTURE.md, the event path step 4).
@@ -11,7 +11,7 @@ first, so every socket sees the user's events contiguously in ``seq`` order
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Protocol, Set
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -20,6 +20,8 @@ from pocketbridge.server import metrics
 
 from pocketbridge.protocol import wire
 from pocketbridge.protocol.events import StoredEvent, relay_payload
+from pocketbridge.server.fanout.bus import Bus, BusReceiver, Control
+from pocketbridge.server.fanout.localbus import LocalBus
 from pocketbridge.server.storage import Storage
 
 log = Logger()
@@ -49,18 +51,25 @@ class _UserRoute:
 
 
 class DeliveryHub:
-    """Per-node routing of events and notices to local sessions."""
+    """
+    Per-node routing of events and notices to local sessions.
 
-    def __init__(self, storage: Storage, read_page: int = 256) -> None:
+    The hub and its bus use each other: the hub subscribes through the bus,
+    the bus delivers into the hub. So the hub is given how to make its bus
+    (``LocalBus``, or a ``RedisBus`` bound to its connection) and makes it
+    with itself as the receiver: neither is patched after construction.
+    """
+
+    def __init__(self, storage: Storage, bus: Callable[[BusReceiver], Bus] = LocalBus, read_page: int = 256) -> None:
         self.storage = storage
         self.read_page = read_page  # most seqs read from storage in one statement
         self.users: Dict[str, _UserRoute] = {}
-        self.bus: Any = None  # set by the bus that feeds this hub
         self.gap_failures = 0  # storage reads failed since the last one that worked
+        self.bus: Bus = bus(self)
 
     # ----------------------------------------------------------- sessions
 
-    def attach(self, sink: LiveSink) -> "Deferred[Any]":
+    def attach(self, sink: LiveSink) -> "Deferred[bool]":
         """
         Start routing the user's events to ``sink`` (subscribes the node on first use).
 
@@ -72,8 +81,6 @@ class DeliveryHub:
         if route is None:
             route = self.users[sink.user_id] = _UserRoute()
         route.sinks.add(sink)
-        if self.bus is None:
-            return succeed(None)
         return self.bus.subscribe(sink.user_id)
 
     def detach(self, sink: LiveSink) -> None:
@@ -84,8 +91,7 @@ class DeliveryHub:
         route.sinks.discard(sink)
         if not route.sinks:
             del self.users[sink.user_id]
-            if self.bus is not None:
-                self.bus.unsubscribe(sink.user_id)
+            self.bus.unsubscribe(sink.user_id)
 
     def known_head(self, user_id: str, head: int) -> None:
         """A session read ``head`` from storage; start gap tracking there if unknown."""
@@ -99,7 +105,7 @@ class DeliveryHub:
         sockets are closing), so a re-created account starts from seq 1 here.
         """
         route = self.users.pop(user_id, None)
-        if route is not None and self.bus is not None:
+        if route is not None:
             self.bus.unsubscribe(user_id)
 
     def sinks(self, user_id: str) -> List[LiveSink]:
@@ -218,31 +224,30 @@ class DeliveryHub:
                 n += 1
         return n
 
+    # ----------------------------------------------------------- control
 
-class LocalBus:
-    """The in-process bus of the embedded shape: publish calls the hub directly."""
-
-    def __init__(self, hub: DeliveryHub) -> None:
-        self.hub = hub
-        self.control: Any = None  # the node's on_control
-        hub.bus = self
-
-    def publish_control(self, message: Dict[str, Any]) -> None:
-        """Deliver a control message to every node (here: this one)."""
-        if self.control is not None:
-            self.control(message)
-
-    def publish_event(self, event: StoredEvent) -> None:
-        """Announce a committed event to every node (here: this one)."""
-        self.hub.on_event(event.user_id, event.seq, event, time.monotonic())
-
-    def subscribe(self, user_id: str) -> "Deferred[None]":
-        """Nothing to do in-process: listening at once."""
-        return succeed(None)
-
-    def unsubscribe(self, user_id: str) -> None:
-        """Nothing to do in-process."""
-
-    def healthy(self) -> bool:
-        """The in-process bus is always up."""
-        return True
+    def on_control(self, message: Control) -> None:
+        """
+        Apply a control message on this node (the bus delivers every node's,
+        this one's included): revoke a device, close a deleted account,
+        relay a notice, or re-read every user after a bus outage.
+        """
+        kind = message.get("kind")
+        if kind == "resync":
+            self.resync_all()
+            return
+        user = message.get("user_id")
+        if not isinstance(user, str):
+            return
+        if kind == "revoke":
+            device = message.get("device_id")
+            notice = wire.encode("device_revoked", {
+                "type": "device_revoked", "device_id": device, "reason": message.get("reason", "revoked"),
+                "timestamp": message.get("timestamp"),
+            })
+            self.close_device(user, device, 4003, "Device revoked", notice)
+        elif kind == "delete_user":
+            self.close_device(user, None, 4003, "Account deleted", None)
+            self.forget_user(user)
+        elif kind == "notice":
+            self.notify_user(user, message["type"], message["payload"], exclude_device=message.get("exclude_device"))

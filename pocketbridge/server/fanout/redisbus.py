@@ -1,7 +1,9 @@
 """
 The Redis bus of the cluster shape (ARCHITECTURE.md "Cluster concerns").
 
-One subscriber connection and one publisher connection per node. A node
+The bus subscribes on a connection of its own and publishes on the node's
+command connection (``RedisConnection``, shared with presence and the shared
+limits). A node
 subscribes to ``<prefix>u:<user_id>`` while it holds a socket of that user and
 always to ``<prefix>control``. Redis is a doorbell: a notification carries the
 event when its payload is ≤ 64 KiB, otherwise only its seq, and storage stays
@@ -26,19 +28,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
-from urllib.parse import urlparse
 
 import orjson
 import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from pocketbridge.server import metrics
 from pocketbridge.protocol.events import StoredEvent
+from pocketbridge.server.fanout.bus import BusReceiver, Control
+from pocketbridge.server.fanout.redisconn import Commands, RedisConnection
 
 log = Logger()
 INLINE_PAYLOAD_MAX = 64 * 1024
@@ -46,15 +47,6 @@ CONTROL_HELD_BYTES = 1024 * 1024  # control messages held during a publisher out
 RESEND_TICK = 0.05  # seconds between batches of held notices after a reconnect
 _SUB_REPLIES = (b"subscribe", "subscribe")
 _UNSUB_REPLIES = (b"unsubscribe", "unsubscribe")
-
-
-def parse_redis_url(url: str) -> Tuple[str, int, Optional[int], Optional[str]]:
-    """(host, port, db, password) of a ``redis://`` URL."""
-    u = urlparse(url)
-    db = None
-    if u.path and u.path.strip("/"):
-        db = int(u.path.strip("/"))
-    return u.hostname or "127.0.0.1", u.port or 6379, db, u.password
 
 
 def encode_event(event: StoredEvent) -> bytes:
@@ -124,61 +116,35 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.transport.write(self._build_command("UNSUBSCRIBE", *channels))
 
 
-class _Publisher(txredisapi.RedisProtocol):
-    bus: "RedisBus"
-
-    def connectionMade(self) -> Any:
-        self.transport.setTcpNoDelay(True)
-        d = super().connectionMade()
-        self.bus._publisher_up(self)
-        return d
-
-    def connectionLost(self, why: Any) -> None:
-        self.bus._publisher_down(self)
-        super().connectionLost(why)
-
-
-class _ProtoFactory(Factory):
-    def __init__(self, proto_class: Any, bus: "RedisBus", password: Optional[str], db: Optional[int]) -> None:
-        self.proto_class = proto_class
+class _SubscriberFactory(Factory):
+    def __init__(self, bus: "RedisBus", redis: RedisConnection) -> None:
         self.bus = bus
-        self.password = password
-        self.db = db
+        self.redis = redis
 
-    def buildProtocol(self, addr: Any) -> Any:
-        p = self.proto_class(charset=None, password=self.password, dbid=self.db, convertNumbers=False)
+    def buildProtocol(self, addr: Any) -> _Subscriber:
+        p = _Subscriber(**self.redis.protocol_options())
         p.factory = self
         p.bus = self.bus
         return p
 
 
-class RedisBus(MultiService):
-    """The bus between nodes; also a service that keeps its two connections up."""
+class RedisBus:
+    """
+    The ``Bus`` between nodes. It delivers into ``receiver`` (the hub, which
+    makes its bus), subscribes on a connection it asks ``redis`` for, and
+    publishes on ``redis``'s command connection.
+    """
 
-    def __init__(self, reactor: Any, url: str, hub: Any, storage: Any, node_id: str, prefix: str = "pb:",
-                 held_users: int = 10000, resend_rate: int = 2000) -> None:
-        super().__init__()
+    def __init__(self, reactor: IReactorTime, redis: RedisConnection, receiver: BusReceiver, node_id: str,
+                 prefix: str = "pb:", held_users: int = 10000, resend_rate: int = 2000) -> None:
         self.node_id = node_id
         self.reactor = reactor
-        self.hub = hub
-        self.storage = storage
+        self.redis = redis
+        self.hub = receiver
         self.prefix = prefix
         self.control_channel = prefix + "control"
-        self.control: Any = None
-        host, port, db, password = parse_redis_url(url)
-        policy = backoffPolicy(initialDelay=0.2, maxDelay=5.0)
-        self.sub_service = ClientService(
-            TCP4ClientEndpoint(reactor, host, port, timeout=5), _ProtoFactory(_Subscriber, self, password, db),
-            retryPolicy=policy, clock=reactor,
-        )
-        self.pub_service = ClientService(
-            TCP4ClientEndpoint(reactor, host, port, timeout=5), _ProtoFactory(_Publisher, self, password, db),
-            retryPolicy=policy, clock=reactor,
-        )
-        self.sub_service.setServiceParent(self)
-        self.pub_service.setServiceParent(self)
+        self.sub_service = redis.connect(_SubscriberFactory(self, redis))
         self.sub: Optional[_Subscriber] = None
-        self.pub: Optional[_Publisher] = None
         self.users: Set[str] = set()
         # Per channel, one list of waiters per SUBSCRIBE sent and not yet confirmed.
         self.inflight: Dict[str, Deque[_Sent]] = {}
@@ -190,15 +156,15 @@ class RedisBus(MultiService):
         self.held_control: Deque[bytes] = deque()
         self.held_control_bytes = 0
         self.overflowed = False
-        self._resending: Any = None
-        self.ever_connected = False
-        hub.bus = self
+        self._resending: Optional[IDelayedCall] = None
+        self.ever_connected = False  # the subscriber connected once (later connects are reconnects)
+        redis.on_ready(self._publisher_up)
 
     # ------------------------------------------------------------ health
 
     def healthy(self) -> bool:
         """True while both connections are up."""
-        return self.sub is not None and self.pub is not None
+        return self.sub is not None and self.redis.healthy()
 
     # ------------------------------------------------------------ subscribing
 
@@ -303,8 +269,8 @@ class RedisBus(MultiService):
         try:
             if ch == self.control_channel:
                 msg = orjson.loads(data)
-                if self.control is not None and msg.get("origin") != self.node_id:
-                    self.control(msg)
+                if msg.get("origin") != self.node_id:
+                    self.hub.on_control(msg)
                 return
             user_id = ch[len(self.prefix) + 2:]
             seq, event = decode_event(user_id, data)
@@ -322,23 +288,24 @@ class RedisBus(MultiService):
         already routed), so local delivery does not depend on Redis.
         """
         self.hub.on_event(event.user_id, event.seq, event, time.monotonic())
-        if self.pub is None:
+        pub = self.redis.current
+        if pub is None:
             self._hold_news(event.user_id, event.seq)
             return
-        self.pub.publish(self._channel(event.user_id), encode_event(event)).addErrback(
+        pub.publish(self._channel(event.user_id), encode_event(event)).addErrback(
             self._event_publish_failed, event.user_id, event.seq)
 
-    def publish_control(self, message: Dict[str, Any]) -> None:
+    def publish_control(self, message: Control) -> None:
         """A control message for every node: applied here at once, sent to the others."""
-        if self.control is not None:
-            self.control(message)
+        self.hub.on_control(message)
         self._publish_control(orjson.dumps(dict(message, origin=self.node_id)))
 
     def _publish_control(self, data: bytes) -> None:
-        if self.pub is None:
+        pub = self.redis.current
+        if pub is None:
             self._hold_control(data)
             return
-        self.pub.publish(self.control_channel, data).addErrback(self._control_publish_failed, data)
+        pub.publish(self.control_channel, data).addErrback(self._control_publish_failed, data)
 
     def _hold_news(self, user_id: str, seq: int) -> None:
         """Remember that the user has news up to ``seq`` (no payload), within ``held_users``."""
@@ -374,45 +341,36 @@ class RedisBus(MultiService):
         """Users with news and control messages held for the publisher (for tests and stats)."""
         return len(self.news) + len(self.held_control)
 
-    def _publisher_up(self, proto: _Publisher) -> None:
-        def ready(_: Any) -> None:
-            self.pub = proto
-            if self.ever_connected:
-                metrics.BUS_RECONNECTS.labels(connection="publisher").inc()
-            control, self.held_control = self.held_control, deque()
-            self.held_control_bytes = 0
-            for data in control:
-                self._publish_control(data)
-            if self.overflowed:
-                self.overflowed = False
-                self.news = {}
-                # Too much was held back: every node re-reads its users from storage.
-                self.publish_control({"kind": "resync"})
-            self._resend_news()
-
-        proto.whenConnected().addCallback(ready).addErrback(self._cmd_failed, "connect")
+    def _publisher_up(self, proto: Commands) -> None:
+        """The command connection is usable (again): send what was held, paced."""
+        if self._resending is not None and self._resending.active():
+            self._resending.cancel()  # a pacing loop of the connection before this one
+        self._resending = None
+        control, self.held_control = self.held_control, deque()
+        self.held_control_bytes = 0
+        for data in control:
+            self._publish_control(data)
+        if self.overflowed:
+            self.overflowed = False
+            self.news = {}
+            # Too much was held back: every node re-reads its users from storage.
+            self.publish_control({"kind": "resync"})
+        self._resend_news()
 
     def _resend_news(self) -> None:
         """Send held seq-only notices, ``resend_rate`` per second, while the publisher is up."""
         self._resending = None
-        if self.pub is None or not self.news:
+        pub = self.redis.current
+        if pub is None or not self.news:
             return
         per_tick = max(1, int(self.resend_rate * RESEND_TICK))
         for _ in range(min(per_tick, len(self.news))):
             user_id = next(iter(self.news))
             seq = self.news.pop(user_id)
-            self.pub.publish(self._channel(user_id), orjson.dumps({"s": seq})).addErrback(
+            pub.publish(self._channel(user_id), orjson.dumps({"s": seq})).addErrback(
                 self._event_publish_failed, user_id, seq)
         if self.news:
             self._resending = self.reactor.callLater(RESEND_TICK, self._resend_news)
-
-    def _publisher_down(self, proto: _Publisher) -> None:
-        if self.pub is proto:
-            self.pub = None
-            if self._resending is not None and self._resending.active():
-                self._resending.cancel()
-            self._resending = None
-            log.warn("bus publisher connection lost")
 
     def _cmd_failed(self, failure: Any, what: str) -> None:
         log.warn("bus {what} failed: {error}", what=what, error=failure.getErrorMessage())
