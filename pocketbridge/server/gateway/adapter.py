@@ -39,7 +39,9 @@ log = Logger()
 __all__ = ["GatewayProtocol", "client_ip", "make_factory"]
 
 
-class GatewayProtocol(FlowControl, WebSocketServerProtocol):
+# Autobahn's own two bases annotate ``peer`` and ``_transport_details``
+# differently; that disagreement is inside Autobahn, not here.
+class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[misc]
     """One WebSocket connection: Autobahn callbacks in, machine inputs out."""
 
     node: Any = None  # set in onConnect, from the factory
