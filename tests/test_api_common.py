@@ -378,6 +378,28 @@ class MetricsTests(_Base):
         await treq.content(other)
         self.assertEqual(other.code, 404)
 
+    async def test_metrics_listen_on_a_unix_socket(self) -> None:
+        """--metrics-listen unix:PATH serves /metrics (a UNIX peer has no host; it used to crash the request)."""
+        import os
+        import tempfile
+
+        from twisted.internet.endpoints import UNIXClientEndpoint
+        from twisted.web.client import Agent, readBody
+
+        directory = tempfile.mkdtemp(prefix="pb-unix-")
+        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+        path = os.path.join(directory, "metrics.sock")
+        await start_server(self, args=["--metrics-listen", "unix:{}".format(path)])
+
+        class ToSocket:
+            def endpointForURI(self, uri: object) -> UNIXClientEndpoint:
+                return UNIXClientEndpoint(reactor, path)
+
+        response = await Agent.usingEndpointFactory(reactor, ToSocket()).request(b"GET", b"http://metrics/metrics")
+        text = (await readBody(response)).decode("utf-8")
+        self.assertEqual(response.code, 200)
+        self.assertIn("pocketbridge_http_requests_total", text)
+
 
 class CommonHeaderTestsSQLite(CommonHeaderTests, SQLiteMixin, TestCase):
     """Request ids and security headers on SQLite."""

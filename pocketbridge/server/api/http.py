@@ -180,14 +180,14 @@ class Api:
         from pocketbridge.server.gateway.admission import client_ip
 
         forwarded = request.getHeader(b"x-forwarded-for")
-        return client_ip(request.getClientAddress().host, forwarded.decode("latin-1") if forwarded else None,
+        return client_ip(_peer_host(request), forwarded.decode("latin-1") if forwarded else None,
                          self.node.trusted_proxies)
 
     def is_tls(self, request: Any) -> bool:
         """True when the request came over TLS, directly or via a trusted proxy."""
         if request.isSecure():
             return True
-        peer = request.getClientAddress().host
+        peer = _peer_host(request)
         proto = request.getHeader(b"x-forwarded-proto")
         return peer in self.node.trusted_proxies and proto == b"https"
 
@@ -416,3 +416,10 @@ def query_int(request: Any, name: str, default: int, low: int, high: Optional[in
     if high is not None and value > high:
         value = high
     return value
+
+
+def _peer_host(request: Any) -> str:
+    """The peer's IP address, or ``"local"`` for a UNIX-socket peer (which has no
+    host; it is never a trusted proxy), as the accept-time key does."""
+    host = getattr(request.getClientAddress(), "host", None)
+    return host if isinstance(host, str) else "local"
