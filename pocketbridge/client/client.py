@@ -36,7 +36,7 @@ from pocketbridge.client.keys import DeviceKeys, Identity
 from pocketbridge.client.options import AUTO, OMIT, ClientOptions, Connector, default_connector
 from pocketbridge.client.protocol_v1 import ProtocolV1
 from pocketbridge.client.protocol_v2 import ProtocolV2
-from pocketbridge.client.strategy import Host, ProtocolStrategy
+from pocketbridge.client.strategy import Host, ProtocolStrategy, ServerReports
 from pocketbridge.client.v2 import V2Outcomes
 
 __all__ = ["AUTO", "DEFAULT_PROTOCOL_VERSION", "OMIT", "PROTOCOLS", "Client", "ClientOptions"]
@@ -137,6 +137,7 @@ class Client:
         self.events_received: List[Dict[str, Any]] = []
         self.messages: List[Any] = []
         self.close_info: Optional[CloseInfo] = None
+        self.reports = ServerReports()
         self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
         self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
         self._protocol: ProtocolStrategy = make_protocol(self, self.options)
@@ -196,27 +197,27 @@ class Client:
     @property
     def errors(self) -> List[Dict[str, Any]]:
         """v2: every typed ``error`` the server sent (v1: always empty)."""
-        return self._protocol.errors
+        return self.reports.errors
 
     @property
     def resync(self) -> Optional[Dict[str, Any]]:
         """v2: the last ``resync_required`` payload, if any."""
-        return self._protocol.resync
+        return self.reports.resync
 
     @property
     def expiring(self) -> Optional[Dict[str, Any]]:
         """v2: the last ``session_expiring_soon`` payload, if any."""
-        return self._protocol.expiring
+        return self.reports.expiring
 
     @property
     def pin_status(self) -> Optional[str]:
         """v2: how the last handshake trusted the server key ("new", "pinned", "given")."""
-        return self._protocol.pin_status
+        return self.reports.pin_status
 
     @property
     def unsolicited_pages(self) -> List[Dict[str, Any]]:
         """v1: replay pages that answered no request (the pushed first page)."""
-        return self._protocol.unsolicited_pages
+        return self.reports.unsolicited_pages
 
     # ------------------------------------------------------------ handshake
 

@@ -8,8 +8,8 @@ This strategy acks each received event with the sender's ``device_seq``,
 collects pages for ``catch_up`` and ignores undecodable frames (a v1 channel
 has no state a bad frame could desynchronise).
 
-v1 has no typed errors, no ``resync_required`` and no server pins, so those
-reports stay empty.
+v1 has no typed errors, no ``resync_required`` and no server pins: of the
+host's ``reports`` it fills only ``unsolicited_pages``.
 """
 
 from __future__ import annotations
@@ -39,12 +39,6 @@ class ProtocolV1:
         self._flat = options.flat_hello
         self._server_key = options.server_key
         self._replay = ReplayPages(0)
-        self.errors: List[Dict[str, Any]] = []
-        self.resync: Optional[Dict[str, Any]] = None
-        self.expiring: Optional[Dict[str, Any]] = None
-        self.pin_status: Optional[str] = None
-        #: Pages that answered no ``replay_request`` (the pushed first page, or strays).
-        self.unsolicited_pages: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------ connection
 
@@ -80,7 +74,7 @@ class ProtocolV1:
             self._receive_event(payload)
         elif msg_type == "replay_response":
             if not self._replay.receive(payload, self._receive_event):
-                self.unsolicited_pages.append(payload)
+                self._host.reports.unsolicited_pages.append(payload)
 
     def _receive_event(self, event: Dict[str, Any]) -> None:
         """A relayed or replayed event: ack, record, notify."""

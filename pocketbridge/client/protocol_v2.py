@@ -52,16 +52,7 @@ class ProtocolV2:
         self._conn_highest = 0  # the highest seq received on this connection
         self._conn_acked = 0  # the highest seq acked on this connection
         self._ack_call: Any = None  # the pending coalesced ack (ack_interval > 0)
-        #: Every typed ``error`` the server sent, oldest first.
-        self.errors: List[Dict[str, Any]] = []
-        #: The last ``resync_required`` payload, if any.
-        self.resync: Optional[Dict[str, Any]] = None
-        #: The last ``session_expiring_soon`` payload, if any.
-        self.expiring: Optional[Dict[str, Any]] = None
-        #: How the last handshake trusted the server key: "new", "pinned" or "given".
-        self.pin_status: Optional[str] = None
-        #: v2 pages never come unasked.
-        self.unsolicited_pages: List[Dict[str, Any]] = []
+        self._reports = host.reports
 
     # ------------------------------------------------------------ connection
 
@@ -96,8 +87,8 @@ class ProtocolV2:
 
     def established(self, handshake: Any) -> None:
         """Keep how the server key was trusted; a new or given pin is saved at once."""
-        self.pin_status = getattr(handshake, "pin_status", None)
-        if self.pin_status in ("new", "given"):
+        status = self._reports.pin_status = getattr(handshake, "pin_status", None)
+        if status in ("new", "given"):
             self._persist(force=True)
 
     def closed(self, exc: ConnectionClosed) -> None:
@@ -124,14 +115,14 @@ class ProtocolV2:
         elif msg_type == "caught_up":
             self._caught_up(payload)
         elif msg_type == "error":
-            self.errors.append(payload)
+            self._reports.errors.append(payload)
             if not (payload.get("in_reply_to") == "event" and self._host.outcomes.match_error(payload)):
                 log.warn("Server error {code!r} in reply to {in_reply_to!r}: {message!r}", code=payload.get("code"),
                          in_reply_to=payload.get("in_reply_to"), message=payload.get("message"))
         elif msg_type == "resync_required":
             self._resync_required(payload)
         elif msg_type == "session_expiring_soon":
-            self.expiring = payload
+            self._reports.expiring = payload
 
     def _receive(self, events: List[Dict[str, Any]], page: bool) -> None:
         """Events of a page or one live event: dedupe, hand to ``on_event``, ack, then queue."""
@@ -172,7 +163,7 @@ class ProtocolV2:
 
     def _resync_required(self, payload: Dict[str, Any]) -> None:
         """The server no longer has events this device missed (§7.3): report it."""
-        self.resync = payload
+        self._reports.resync = payload
         log.warn("Server asks for a full resync ({reason!r}); events below seq {oldest!r} are gone",
                  reason=payload.get("reason"), oldest=payload.get("oldest_seq"))
         on_resync = self._options.on_resync

@@ -15,6 +15,7 @@ Reactor thread only, like the Client.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol
 
 from twisted.internet.defer import Deferred
@@ -22,6 +23,27 @@ from twisted.internet.defer import Deferred
 from pocketbridge.client.connection import ConnectionClosed, MalformedMessage, RawConnection
 from pocketbridge.client.keys import DeviceKeys, Identity
 from pocketbridge.client.v2 import V2Outcomes
+
+
+@dataclass
+class ServerReports:
+    """
+    What the server told a client beyond events and acks, kept for callers
+    to read (``Client.errors``, ``.resync`` …). The Client owns it across
+    connections; its strategy fills what its version has: v1 only
+    ``unsolicited_pages``, v2 the rest.
+    """
+
+    #: v2: every typed ``error``, oldest first.
+    errors: List[Dict[str, Any]] = field(default_factory=list)
+    #: v2: the last ``resync_required`` payload.
+    resync: Optional[Dict[str, Any]] = None
+    #: v2: the last ``session_expiring_soon`` payload.
+    expiring: Optional[Dict[str, Any]] = None
+    #: v2: how the last handshake trusted the server key: "new", "pinned" or "given".
+    pin_status: Optional[str] = None
+    #: v1: replay pages that answered no ``replay_request`` (the pushed first page, or strays).
+    unsolicited_pages: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class Host(Protocol):
@@ -45,6 +67,7 @@ class Host(Protocol):
     #: The highest event ``seq`` received, over all connections.
     last_seq: int
     raw: Optional[RawConnection]
+    reports: ServerReports
 
     @property
     def outcomes(self) -> V2Outcomes:
@@ -69,17 +92,11 @@ class ProtocolStrategy(Protocol):
     One protocol version's half of a ``Client``. The Client calls ``reset``
     at the start of every connection and again with the server's watermark
     once it is established; the strategy owns its per-connection and
-    cross-connection state. The report attributes (``errors``, ``resync``,
-    ``expiring``, ``pin_status``, ``unsolicited_pages``) are what the Client
-    shows its callers; a version without the message keeps them empty.
+    cross-connection state, and writes what callers may read into
+    ``host.reports``.
     """
 
     version: int
-    errors: List[Dict[str, Any]]
-    resync: Optional[Dict[str, Any]]
-    expiring: Optional[Dict[str, Any]]
-    pin_status: Optional[str]
-    unsolicited_pages: List[Dict[str, Any]]
 
     def resume_point(self, resume_from: Any) -> Optional[int]:
         """What ``connect(resume_from=...)`` (``AUTO``, None or an int) sends, resolved now."""
