@@ -17,8 +17,9 @@ UUID_RE = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\Z")
 HEX64_RE = re.compile(r"^[0-9A-Fa-f]{64}\Z")
 HEX128_RE = re.compile(r"^[0-9A-Fa-f]{128}\Z")
 HEX130_RE = re.compile(r"^[0-9A-Fa-f]{130}\Z")
-PAIRING_CODE_RE = re.compile(r"^[0-9]{6}\Z")  # API.md pairing: six ASCII digits
-TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")  # a pairing mailbox token: lowercase hex64
+# A pairing code (API.md §2): six ASCII digits. A v2 mailbox token: 64 lowercase hex digits.
+PAIRING_CODE_RE = re.compile(r"^[0-9]{6}\Z")
+TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 class ProtocolError(Exception):
