@@ -321,6 +321,18 @@ class DeviceKeysTests(SynchronousTestCase):
         self.assertEqual(Identity.from_seed_hex("11" * 32).user_id, V["user_id"])
         self.assertRaises(ValueError, Identity.from_seed_hex, "xyz")
 
+    def test_trailing_newline_is_not_valid(self) -> None:
+        """The SDK validates like the server (``\\Z``): a seed, device_id or pin ending in a newline is refused."""
+        self.assertRaises(ValueError, Identity.from_seed_hex, "11" * 32 + "\n")
+        for field, value in (("device_id", DEVICE_ID + "\n"), ("server_pins", {"h:1": "ab" * 32 + "\n"})):
+            doc = DeviceKeys.generate().to_dict()
+            doc[field] = value
+            with self.subTest(field=field):
+                self.assertRaises(KeyFileError, DeviceKeys.from_dict, doc)
+        hs = vector_handshake()
+        hs.client_hello()
+        self.assertRaises(HandshakeError, hs.on_server_hello, vector_server_hello(nonce_s="bb" * 32 + "\n"))
+
 
 class RetryPolicyTests(SynchronousTestCase):
     """The close code → retry table of PROTOCOL.md §11."""

@@ -7,8 +7,10 @@ The PocketBridge client SDK (protocol v1 and v2).
   (``JsonCodec`` for v1, ``V2Codec`` for the v2 AES-GCM channel), for tests
   and tools (``connection``).
 - ``V1Handshake`` / ``V2Handshake``: the sans-IO handshakes (``handshake``).
-- ``Client``: handshake, events and acks, catch-up (``session``; the v2 half
-  in ``session_v2``, its bookkeeping in ``v2``). New code uses
+- ``Client``: handshake, events and acks, catch-up (``client``), with what
+  differs between the versions in one strategy object (``protocol_v1``,
+  ``protocol_v2``; the seam in ``strategy``, the v2 bookkeeping in ``v2``)
+  and its tuning in a frozen ``ClientOptions`` (``options``). New code uses
   ``Client.for_device(reactor, url, keys)`` or ``Client.v2(...)`` (v2);
   ``Client(...)`` alone still speaks v1 for existing callers.
 - ``ReconnectingClient`` / ``RetryPolicy``: the §11 close-code policy (``reconnect``).
@@ -38,13 +40,14 @@ from pocketbridge.client.reconnect import (
     RetryPolicy,
     parse_retry_after,
 )
-from pocketbridge.client.client import AUTO, DEFAULT_PROTOCOL_VERSION, OMIT, Client
+from pocketbridge.client.client import AUTO, DEFAULT_PROTOCOL_VERSION, OMIT, Client, ClientOptions
 from pocketbridge.client.v2 import EventRejected
 
 __all__ = [
     "AUTO",
     "AckTracker",
     "Client",
+    "ClientOptions",
     "ConnectionClosed",
     "DEFAULT_PROTOCOL_VERSION",
     "DecryptFailed",

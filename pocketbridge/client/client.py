@@ -6,14 +6,16 @@ message: acks resolve the Deferred of the event they belong to
 (``AckTracker``), events from other devices are recorded and (with
 ``auto_ack``) acknowledged, catch-up pages are collected (§7.3).
 
-- v1 (``protocol_version=1``, the default of the constructor, for
-  compatibility): acks carry the sender's ``device_seq``; pages answer
-  ``replay_request``s.
-- v2 (``Client.v2(...)``, ``Client.for_device(...)`` or
-  ``protocol_version=2``): an encrypted channel with a pinned server key,
+What differs between the versions is one strategy object chosen at
+construction from ``PROTOCOLS`` (see ``strategy.py``):
+
+- v1 (``protocol_v1.ProtocolV1``; ``protocol_version=1``, the default of the
+  constructor, for compatibility): acks carry the sender's ``device_seq``;
+  pages answer ``replay_request``s.
+- v2 (``protocol_v2.ProtocolV2``; ``Client.v2(...)``, ``Client.for_device(...)``
+  or ``protocol_version=2``): an encrypted channel with a pinned server key,
   typed errors (``EventRejected``), cumulative ``{seq}`` acks, server-pushed
-  catch-up ending in ``caught_up``, and ``resume_from`` on reconnect. The v2
-  half lives in ``session_v2.V2ClientMixin``.
+  catch-up ending in ``caught_up``, and ``resume_from`` on reconnect.
 
 A ``Client`` can ``connect`` again after its connection closed; it keeps its
 ``device_seq`` counter, history and (v2) received-event ids across connections.
@@ -28,51 +30,27 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from pocketbridge.client._util import WaitQueue, is_wire_int, uuid7
-from pocketbridge.client.connection import CloseInfo, ConnectionClosed, MalformedMessage, RawConnection
-from pocketbridge.client.handshake import HandshakeError, V1Handshake, V2Handshake, envelope_payload
-from pocketbridge.client.keys import DeviceKeys, Identity, server_address
-from pocketbridge.client.replay import ReplayPages
-from pocketbridge.client.session_v2 import V2ClientMixin
-from pocketbridge.client.v2 import CatchUp, SeenEvents, V2Outcomes
+from pocketbridge.client.connection import CloseInfo, ConnectionClosed, RawConnection
+from pocketbridge.client.handshake import HandshakeError, envelope_payload
+from pocketbridge.client.keys import DeviceKeys, Identity
+from pocketbridge.client.options import AUTO, OMIT, ClientOptions, Connector, default_connector
+from pocketbridge.client.protocol_v1 import ProtocolV1
+from pocketbridge.client.protocol_v2 import ProtocolV2
+from pocketbridge.client.strategy import Host, ProtocolStrategy, ServerReports
+from pocketbridge.client.v2 import V2Outcomes
+
+__all__ = ["AUTO", "DEFAULT_PROTOCOL_VERSION", "OMIT", "PROTOCOLS", "Client", "ClientOptions"]
 
 log = Logger()
-
-
-class _Omit:
-    """Marker for ``send_event(extra=...)``: remove this field from the event."""
-
-    def __repr__(self) -> str:
-        """``OMIT``."""
-        return "OMIT"
-
-
-#: ``send_event(extra={"user_id": OMIT})`` sends the event without ``user_id``.
-OMIT = _Omit()
-
-
-class _Auto:
-    """Marker for ``connect(resume_from=AUTO)``."""
-
-    def __repr__(self) -> str:
-        """``AUTO``."""
-        return "AUTO"
-
-
-#: ``connect(resume_from=AUTO)``: v2 resumes from ``last_received_seq`` when it is known (> 0).
-AUTO = _Auto()
 
 #: The protocol version ``Client.for_device`` speaks unless told otherwise.
 DEFAULT_PROTOCOL_VERSION = 2
 
-Connector = Callable[[Any, str, Optional[Mapping[str, str]]], "Deferred[RawConnection]"]
+#: The strategy of each protocol version a ``Client`` speaks.
+PROTOCOLS: Dict[int, Callable[[Host, ClientOptions], ProtocolStrategy]] = {1: ProtocolV1, 2: ProtocolV2}
 
 
-def _default_connector(reactor: Any, url: str, headers: Optional[Mapping[str, str]]) -> "Deferred[RawConnection]":
-    """Open a real WebSocket (the default ``connector``)."""
-    return RawConnection.open(reactor, url, headers)
-
-
-class Client(V2ClientMixin):
+class Client:
     """
     A PocketBridge client for one device of ``identity``.
 
@@ -96,6 +74,9 @@ class Client(V2ClientMixin):
     - ``ack_interval`` (s): 0 acks after each page and each live event;
       more coalesces live acks to one per interval.
     - ``on_resync(payload)``: called on ``resync_required`` (§7.3).
+
+    The tuning arguments (``headers`` … ``on_resync``) are kept together in
+    ``options`` (a frozen ``ClientOptions``).
     """
 
     def __init__(
@@ -126,9 +107,14 @@ class Client(V2ClientMixin):
         save_interval: float = 2.0,
         on_resync: Optional[Callable[[Dict[str, Any]], None]] = None,
     ) -> None:
-        if protocol_version not in (1, 2) or not is_wire_int(protocol_version):
-            raise ValueError("protocol_version must be 1 or 2")
-        self.protocol_version = protocol_version
+        make_protocol = PROTOCOLS.get(protocol_version) if is_wire_int(protocol_version) else None
+        if make_protocol is None:
+            raise ValueError("protocol_version must be one of {}".format(sorted(PROTOCOLS)))
+        self.options = ClientOptions(
+            headers=headers, server_key=server_key, flat_hello=flat_hello, handshake_timeout=handshake_timeout,
+            connector=connector or default_connector, handshake_factory=handshake_factory, resume=resume,
+            ack_interval=ack_interval, save_interval=save_interval, on_resync=on_resync,
+        )
         self.reactor = reactor
         self.url = url
         self.identity = identity
@@ -136,42 +122,25 @@ class Client(V2ClientMixin):
         self.device_name = device_name
         self.device_type = device_type
         self.auto_ack = auto_ack
-        self.flat_hello = flat_hello
-        self.headers = headers
-        self.server_key = server_key
         self.keep_history = keep_history
         self.on_event = on_event
-        self.handshake_timeout = handshake_timeout
-        self._connector = connector or _default_connector
-        self._handshake_factory = handshake_factory
-        self._next_device_seq = next_device_seq
-        self.raw: Optional[RawConnection] = None
-        self.session: Optional[Dict[str, Any]] = None
-        self.events_received: List[Dict[str, Any]] = []
-        self.messages: List[Any] = []
-        self.unsolicited_pages: List[Dict[str, Any]] = []
-        self.close_info: Optional[CloseInfo] = None
-        self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
-        self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
-        # v2 state that lives across connections
         self.keys = keys
         self.keys_path = keys_path
         self.server_pins: Dict[str, str] = keys.server_pins if keys is not None else {}
         if last_received_seq is None:
             last_received_seq = keys.last_received_seq if keys is not None else 0
+        #: The highest event ``seq`` received, over all connections.
         self.last_seq = last_received_seq
-        self.resume = resume
-        self.ack_interval = ack_interval
-        self.save_interval = save_interval
-        self.on_resync = on_resync
-        self.errors: List[Dict[str, Any]] = []
-        self.resync: Optional[Dict[str, Any]] = None
-        self.expiring: Optional[Dict[str, Any]] = None
-        self.pin_status: Optional[str] = None
-        self._seen = SeenEvents()
-        self._resume_from: Optional[int] = None
-        self._ack_call: Any = None
-        self._last_save = 0.0
+        self._next_device_seq = next_device_seq
+        self.raw: Optional[RawConnection] = None
+        self.session: Optional[Dict[str, Any]] = None
+        self.events_received: List[Dict[str, Any]] = []
+        self.messages: List[Any] = []
+        self.close_info: Optional[CloseInfo] = None
+        self.reports = ServerReports()
+        self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
+        self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
+        self._protocol: ProtocolStrategy = make_protocol(self, self.options)
         self._reset_connection_state()
 
     @classmethod
@@ -198,16 +167,57 @@ class Client(V2ClientMixin):
         )
 
     def _reset_connection_state(self, last_ack_device_seq: int = 0) -> None:
-        """Fresh per-connection bookkeeping (acks, replay pages, v2 catch-up and ack cursor)."""
+        """Fresh per-connection bookkeeping: ack matching here, the rest in the strategy."""
         self._acks = V2Outcomes()
-        self._replay = ReplayPages(last_ack_device_seq)
         self._last_acked_own = last_ack_device_seq
-        self._catchup = CatchUp()
-        self._conn_highest = 0
-        self._conn_acked = 0
-        if self._ack_call is not None and self._ack_call.active():
-            self._ack_call.cancel()
-        self._ack_call = None
+        self._protocol.reset(last_ack_device_seq)
+
+    # ------------------------------------------------------------ what the strategy reads
+
+    @property
+    def protocol_version(self) -> int:
+        """1 or 2, fixed at construction."""
+        return self._protocol.version
+
+    @property
+    def outcomes(self) -> V2Outcomes:
+        """The sends of this connection still waiting for their ack (or v2 error)."""
+        return self._acks
+
+    @property
+    def last_acked_own(self) -> int:
+        """The highest own ``device_seq`` acked on this connection (at first the server's watermark)."""
+        return self._last_acked_own
+
+    @property
+    def last_received_seq(self) -> int:
+        """The highest event ``seq`` received, over all connections (v2 ``resume_from``)."""
+        return self.last_seq
+
+    @property
+    def errors(self) -> List[Dict[str, Any]]:
+        """v2: every typed ``error`` the server sent (v1: always empty)."""
+        return self.reports.errors
+
+    @property
+    def resync(self) -> Optional[Dict[str, Any]]:
+        """v2: the last ``resync_required`` payload, if any."""
+        return self.reports.resync
+
+    @property
+    def expiring(self) -> Optional[Dict[str, Any]]:
+        """v2: the last ``session_expiring_soon`` payload, if any."""
+        return self.reports.expiring
+
+    @property
+    def pin_status(self) -> Optional[str]:
+        """v2: how the last handshake trusted the server key ("new", "pinned", "given")."""
+        return self.reports.pin_status
+
+    @property
+    def unsolicited_pages(self) -> List[Dict[str, Any]]:
+        """v1: replay pages that answered no request (the pushed first page)."""
+        return self.reports.unsolicited_pages
 
     # ------------------------------------------------------------ handshake
 
@@ -223,47 +233,20 @@ class Client(V2ClientMixin):
         ``last_received_seq`` when ``resume`` is on and it is > 0, None sends
         nothing (the server's cursor decides), an integer sends that.
         """
-        if resume_from is AUTO:
-            self._resume_from = self.last_seq if self.resume and self.last_seq > 0 else None
-        else:
-            self._resume_from = resume_from
-        return Deferred.fromCoroutine(self._connect())
+        return Deferred.fromCoroutine(self._connect(self._protocol.resume_point(resume_from)))
 
-    def _make_handshake(self) -> Any:
-        """The handshake object for one connection."""
-        if self._handshake_factory is not None:
-            return self._handshake_factory(self)
-        if self.protocol_version == 2:
-            return V2Handshake(
-                self.identity,
-                self.device_id,
-                device_name=self.device_name,
-                device_type=self.device_type,
-                server_key=self.server_key,
-                pins=self.server_pins,
-                server_address=server_address(self.url),
-                resume_from=self._resume_from,
-            )
-        return V1Handshake(
-            self.identity,
-            self.device_id,
-            device_name=self.device_name,
-            device_type=self.device_type,
-            flat=self.flat_hello,
-            server_key=self.server_key,
-        )
-
-    async def _connect(self) -> Dict[str, Any]:
+    async def _connect(self, resume_from: Optional[int]) -> Dict[str, Any]:
         """Open the socket, run the handshake, start dispatching."""
         if self.raw is not None and self.raw.close_info is None:
             raise RuntimeError("already connected")
-        raw = await self._connector(self.reactor, self.url, self.headers)
+        raw = await self.options.connector(self.reactor, self.url, self.options.headers)
         self.raw = raw
         self.session = None
         self.close_info = None
         self._reset_connection_state()
         self._events.reopen()
-        handshake = self._make_handshake()
+        factory = self.options.handshake_factory
+        handshake = factory(self) if factory is not None else self._protocol.handshake(resume_from)
         try:
             est = await self._handshake(raw, handshake)
         except HandshakeError:
@@ -277,11 +260,8 @@ class Client(V2ClientMixin):
         self.session = est
         self._reset_connection_state(est["last_ack_device_seq"])
         self._next_device_seq = max(self._next_device_seq, est["last_ack_device_seq"] + 1)
-        if self.protocol_version == 2:
-            self.pin_status = getattr(handshake, "pin_status", None)
-            if self.pin_status in ("new", "given"):
-                self._v2_persist(force=True)
-        raw.set_receiver(self._dispatch, self._malformed)
+        self._protocol.established(handshake)
+        raw.set_receiver(self._dispatch, self._protocol.malformed)
         raw.closed.addCallback(self._connection_closed)
         return est
 
@@ -289,7 +269,7 @@ class Client(V2ClientMixin):
         """Drive ``handshake`` to ``session_established`` over ``raw``."""
         raw.send_json(handshake.client_hello())
         while True:
-            message = await raw.next_message(timeout=self.handshake_timeout)
+            message = await raw.next_message(timeout=self.options.handshake_timeout)
             msg_type = message.get("type") if isinstance(message, dict) else None
             if msg_type == "server_hello":
                 auth = handshake.on_server_hello(envelope_payload(message, "server_hello"))
@@ -305,25 +285,17 @@ class Client(V2ClientMixin):
     # ------------------------------------------------------------ receiving
 
     def _dispatch(self, message: Any) -> None:
-        """Handle one server message after authentication."""
+        """Handle one server message after authentication: acks here, the rest by the strategy."""
         if self.keep_history:
             self.messages.append(message)
         msg_type = message.get("type") if isinstance(message, dict) else None
         payload = message.get("payload") if isinstance(message, dict) else None
         if not isinstance(payload, dict):
             payload = {}
-        if self.protocol_version == 2:
-            self._v2_handle(msg_type, payload)
-        elif msg_type == "event":
-            self._receive_event(payload)
-        elif msg_type == "ack":
-            if self._acks.match(payload):
-                if not payload.get("dropped") and is_wire_int(payload.get("device_seq")):
-                    self._last_acked_own = max(self._last_acked_own, payload["device_seq"])
-            else:
-                log.warn("Unmatched ack for device_seq {device_seq!r}", device_seq=payload.get("device_seq"))
-        elif msg_type == "replay_response":
-            self._receive_page(payload)
+        if msg_type == "ack":
+            self._match_ack(payload)
+        else:
+            self._protocol.receive(msg_type, payload)
         watchers, self._watchers = self._watchers, []
         for wanted, d in watchers:
             if wanted == msg_type:
@@ -331,31 +303,15 @@ class Client(V2ClientMixin):
             else:
                 self._watchers.append((wanted, d))
 
-    def _malformed(self, exc: MalformedMessage) -> None:
-        """An undecodable server frame after authentication: v1 logs and goes on; v2 closes."""
-        if self.protocol_version == 2:
-            self._v2_malformed(exc)
-            return
-        log.warn("Ignoring a malformed server frame after authentication")
+    def _match_ack(self, payload: Dict[str, Any]) -> None:
+        """An ack of one of our events (both versions): fire its send, advance ``last_acked_own``."""
+        if not self._acks.match(payload):
+            log.warn("Unmatched ack for device_seq {device_seq!r}", device_seq=payload.get("device_seq"))
+        elif is_wire_int(payload.get("device_seq")) and not payload.get("dropped"):
+            self._last_acked_own = max(self._last_acked_own, payload["device_seq"])
 
-    def _receive_event(self, event: Dict[str, Any]) -> None:
-        """A relayed or replayed event: ack, record, notify."""
-        # Ack first: handing the event to a waiter resumes its coroutine at
-        # once, and it may close the socket before an ack sent after that.
-        if self.auto_ack and is_wire_int(event.get("device_seq")):
-            try:
-                self.ack(event["device_seq"])
-            except ConnectionClosed:
-                pass  # unacked events are sent again on the next connection
-        seq = event.get("seq")
-        if is_wire_int(seq) and seq > self.last_seq:
-            self.last_seq = seq
-        self._record_event(event)
-        if self.keep_history:
-            self._events.put(event)
-
-    def _record_event(self, event: Dict[str, Any]) -> None:
-        """Keep a received event in the history and give it to ``on_event`` (both versions)."""
+    def record_event(self, event: Dict[str, Any]) -> None:
+        """Keep a received event in the history and give it to ``on_event`` (for the strategies)."""
         if self.keep_history:
             self.events_received.append(event)
         if self.on_event is not None:
@@ -364,19 +320,17 @@ class Client(V2ClientMixin):
             except Exception:
                 log.failure("on_event callback failed")
 
-    def _receive_page(self, page: Dict[str, Any]) -> None:
-        """A replay_response: its events, then the request it answers."""
-        if not self._replay.receive(page, self._receive_event):
-            self.unsolicited_pages.append(page)
+    def queue_event(self, event: Dict[str, Any]) -> None:
+        """Queue a received event for ``next_event`` when history is kept (for the strategies)."""
+        if self.keep_history:
+            self._events.put(event)
 
     def _connection_closed(self, info: CloseInfo) -> CloseInfo:
         """Fail everything waiting on this connection."""
         self.close_info = info
         exc = ConnectionClosed(*info)
-        if self.protocol_version == 2:
-            self._v2_closed(exc)
+        self._protocol.closed(exc)
         self._acks.fail_all(exc)
-        self._replay.fail_all(exc)
         self._events.fail(exc)
         watchers, self._watchers = self._watchers, []
         for _, d in watchers:
@@ -419,8 +373,8 @@ class Client(V2ClientMixin):
         """The ``device_seq`` the next ``send_event`` will use."""
         return self._next_device_seq
 
-    def _connected(self) -> RawConnection:
-        """The open RawConnection, or ConnectionClosed."""
+    def established_connection(self) -> RawConnection:
+        """The open RawConnection once ``session_established`` came, or ConnectionClosed."""
         if self.raw is None or self.session is None:
             raise ConnectionClosed(1006, "not connected")
         if self.raw.close_info is not None:
@@ -455,7 +409,7 @@ class Client(V2ClientMixin):
         ``ConnectionClosed``.
         """
         try:
-            raw = self._connected()
+            raw = self.established_connection()
         except ConnectionClosed as e:
             return fail(e)
         if event_id is None:
@@ -501,10 +455,11 @@ class Client(V2ClientMixin):
         v1: ack a received event with the SENDER's ``device_seq`` (§7.2).
         v2: the argument is a ``seq``; same as ``ack_seq``.
         """
-        if self.protocol_version == 2:
-            self.ack_seq(device_seq)
-            return
-        self._connected().send_json({"type": "ack", "payload": {"device_seq": device_seq}})
+        self._protocol.ack(device_seq)
+
+    def ack_seq(self, seq: int) -> None:
+        """v2: send a cumulative ack: every event up to ``seq`` was received (§7.2). TypeError on v1."""
+        self._protocol.ack_seq(seq)
 
     def replay_request(
         self,
@@ -526,26 +481,7 @@ class Client(V2ClientMixin):
         events reach ``next_event``/``on_event`` again. Sent once any running
         catch-up has ended (see ``v2.CatchUp``).
         """
-        if self.protocol_version == 2:
-            if resume_from is None:
-                raise TypeError("a v2 replay_request needs resume_from")
-            return self._v2_replay_request(resume_from, timeout)
-        try:
-            raw = self._connected()
-        except ConnectionClosed as e:
-            return fail(e)
-        payload: Dict[str, Any] = {
-            "last_ack_device_seq": self._last_acked_own if last_ack_device_seq is None else last_ack_device_seq
-        }
-        if limit is not None:
-            payload["limit"] = limit
-        if continuation_token is not None:
-            payload["continuation_token"] = continuation_token
-        d = self._replay.expect()
-        raw.send_json({"type": "replay_request", "payload": payload})
-        if timeout is not None:
-            d.addTimeout(timeout, self.reactor)
-        return d
+        return self._protocol.replay_request(limit, last_ack_device_seq, continuation_token, resume_from, timeout)
 
     def catch_up(self, limit: int = 100, timeout: Optional[float] = None) -> "Deferred[List[Dict[str, Any]]]":
         """
@@ -555,25 +491,22 @@ class Client(V2ClientMixin):
         (the unsolicited first page included). v2: waits for ``caught_up``
         (the server pushes the pages; ``limit`` is unused).
         """
-        if self.protocol_version == 2:
-            return self._v2_catch_up(timeout)
-        return Deferred.fromCoroutine(self._catch_up(limit, timeout))
+        return self._protocol.catch_up(limit, timeout)
 
-    async def _catch_up(self, limit: int, timeout: Optional[float]) -> List[Dict[str, Any]]:
-        """Request pages until ``has_more`` is false."""
-        replay = self._replay
-        while True:
-            page = await self.replay_request(limit=limit, continuation_token=replay.continuation_token, timeout=timeout)
-            if not page.get("has_more"):
-                break
-        return replay.take_replayed(keep=self.keep_history)
+    def wait_caught_up(self, timeout: Optional[float] = None) -> "Deferred[int]":
+        """
+        v2: fires with the head ``H`` of the ``caught_up`` that ends the
+        running catch-up (and any queued ``replay_request``), at once when
+        already caught up. Fails with ``ConnectionClosed`` or
+        ``defer.TimeoutError``. TypeError on v1 (it has no ``caught_up``).
+        """
+        return self._protocol.wait_caught_up(timeout)
 
     # ------------------------------------------------------------ closing
 
     def close(self, code: int = 1000, reason: Optional[str] = None) -> "Deferred[CloseInfo]":
         """Close the socket; fires with ``(code, reason)`` once closed."""
-        if self.protocol_version == 2 and self.auto_ack and self.raw is not None and self.raw.close_info is None:
-            self._v2_flush_ack()  # a coalesced ack still due goes out before the close frame
+        self._protocol.before_close()
         if self.raw is None:
             return succeed((1000, "never connected"))
         return self.raw.close(code, reason)

@@ -11,25 +11,32 @@ channel keys and hands out the frame codec that must be installed before
 socket, so the §13 vectors can be fed to them directly (the ephemeral key and
 nonces are injectable).
 
-``Client`` only relies on ``client_hello``, ``on_server_hello``, ``codec``
-and ``on_session_established``.
+Both share ``_Handshake``: the client's ephemeral key and nonce, the checks of
+``server_hello`` up to the signature, the identity fields of ``client_auth``
+and the check of ``session_established``; what differs (digests, pinning, the
+channel keys) is in the two subclasses. ``Client`` only relies on
+``client_hello``, ``on_server_hello``, ``codec`` and ``on_session_established``.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Dict, Mapping, MutableMapping, Optional
+from typing import Any, Dict, Mapping, MutableMapping, Optional, Tuple
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pocketbridge.protocol import crypto
+from pocketbridge.protocol.wire import HEX64_RE, HEX128_RE, HEX130_RE, is_hex
 from pocketbridge.client._util import is_wire_int
 from pocketbridge.client.connection import V2Codec
 from pocketbridge.client.keys import Identity
 
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_HEX128 = re.compile(r"^[0-9a-fA-F]{128}$")
-_HEX130 = re.compile(r"^[0-9a-fA-F]{130}$")
+#: The hex fields of a ``server_hello`` and their formats (both versions).
+_SERVER_HELLO_FIELDS = (
+    ("server_ephemeral_pub", HEX130_RE),
+    ("nonce_s", HEX64_RE),
+    ("server_identity_pub", HEX64_RE),
+    ("server_signature", HEX128_RE),
+)
 
 
 class HandshakeError(Exception):
@@ -78,7 +85,115 @@ def _message(msg_type: str, payload: Dict[str, Any], flat: bool) -> Dict[str, An
     return {"type": msg_type, "payload": payload}
 
 
-class V1Handshake:
+def check_session_established(state: str, device_id: str, payload: Mapping[str, Any], version: int) -> Dict[str, Any]:
+    """A ``session_established`` payload checked against the handshake (both versions); HandshakeError otherwise."""
+    if state != "auth_sent":
+        raise HandshakeError("unexpected session_established")
+    if payload.get("device_id") != device_id.lower():
+        raise HandshakeError("session_established for another device_id")
+    last = payload.get("last_ack_device_seq")
+    if not is_wire_int(last) or last < 0:
+        raise HandshakeError("session_established without an integer last_ack_device_seq")
+    got = payload.get("protocol_version", version)
+    if not is_wire_int(got) or got != version:
+        raise HandshakeError("session_established with protocol_version {!r}".format(got))
+    return dict(payload)
+
+
+class _Handshake:
+    """
+    The steps both handshake versions share, for one connection. A
+    subclass sets ``protocol_version`` and computes what is signed.
+    ``server_key`` (hex64), when given, is the only server identity accepted.
+    """
+
+    protocol_version = 0
+
+    def __init__(
+        self,
+        identity: Identity,
+        device_id: str,
+        device_name: Optional[str],
+        device_type: Optional[str],
+        server_key: Optional[str],
+        ephemeral: Optional[ec.EllipticCurvePrivateKey],
+        nonce_c: Optional[str],
+    ) -> None:
+        self.identity = identity
+        self.device_id = device_id
+        self.device_name = device_name
+        self.device_type = device_type
+        self.server_key = server_key.lower() if server_key else None
+        self._ephemeral = ephemeral if ephemeral is not None else crypto.generate_ephemeral()
+        self.client_ephemeral_pub = crypto.point_bytes(self._ephemeral).hex()
+        self.nonce_c = nonce_c if nonce_c is not None else crypto.random_nonce_hex()
+        self.server_identity_pub: Optional[str] = None
+        self.server_ephemeral_pub: Optional[str] = None
+        self.nonce_s: Optional[str] = None
+        self.state = "start"
+
+    def _hello_payload(self) -> Dict[str, Any]:
+        """The ``client_hello`` fields both versions send; marks the hello as sent."""
+        self.state = "hello_sent"
+        return {"client_ephemeral_pub": self.client_ephemeral_pub, "nonce_c": self.nonce_c}
+
+    def _check_server_hello(self, payload: Mapping[str, Any]) -> Tuple[Dict[str, str], ec.EllipticCurvePublicKey]:
+        """
+        The hex fields of a ``server_hello`` for this version and the
+        server's ephemeral point, format-checked (the signature is not
+        verified yet); HandshakeError otherwise.
+        """
+        if self.state != "hello_sent":
+            raise HandshakeError("unexpected server_hello")
+        version = payload.get("protocol_version")
+        if not is_wire_int(version) or version != self.protocol_version:
+            raise HandshakeError("server answered protocol_version {!r} to a v{} client_hello".format(
+                version, self.protocol_version))
+        fields: Dict[str, str] = {}
+        for name, pattern in _SERVER_HELLO_FIELDS:
+            value = payload.get(name)
+            if not is_hex(value, pattern):
+                raise HandshakeError("invalid " + name)
+            fields[name] = value
+        try:
+            point = crypto.load_point(bytes.fromhex(fields["server_ephemeral_pub"]))
+        except crypto.CryptoError as e:
+            raise HandshakeError("invalid server_ephemeral_pub") from e
+        return fields, point
+
+    def _accept_server_hello(self, fields: Mapping[str, str]) -> None:
+        """Remember a verified ``server_hello``; ``client_auth`` goes out next."""
+        self.server_identity_pub = fields["server_identity_pub"]
+        self.server_ephemeral_pub = fields["server_ephemeral_pub"]
+        self.nonce_s = fields["nonce_s"]
+        self.state = "auth_sent"
+
+    def _auth_payload(self, signature: str, **extra: Any) -> Dict[str, Any]:
+        """The ``client_auth`` fields: who signs, ``signature``, ``extra``, then the optional device fields."""
+        payload: Dict[str, Any] = {
+            "user_id": self.identity.user_id,
+            "device_id": self.device_id,
+            "client_signature": signature,
+        }
+        payload.update(extra)
+        if self.device_name is not None:
+            payload["device_name"] = self.device_name
+        if self.device_type is not None:
+            payload["device_type"] = self.device_type
+        return payload
+
+    def codec(self) -> Optional[V2Codec]:
+        """The frame codec to install before ``client_auth``; None keeps the JSON codec."""
+        return None
+
+    def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
+        """Check a ``session_established`` payload and return it as a dict."""
+        checked = check_session_established(self.state, self.device_id, payload, self.protocol_version)
+        self.state = "established"
+        return checked
+
+
+class V1Handshake(_Handshake):
     """
     One v1 handshake attempt. Use each instance for one connection:
     ``client_hello()`` → ``on_server_hello(payload)`` → ``on_session_established(payload)``.
@@ -106,28 +221,16 @@ class V1Handshake:
         nonce_c2: Optional[str] = None,
         announce_version: bool = False,
     ) -> None:
-        self.identity = identity
-        self.device_id = device_id
-        self.device_name = device_name
-        self.device_type = device_type
+        super().__init__(identity, device_id, device_name, device_type, server_key, ephemeral, nonce_c)
         self.flat = flat
         self.announce_version = announce_version
-        self.server_key = server_key.lower() if server_key else None
-        self._ephemeral = ephemeral if ephemeral is not None else crypto.generate_ephemeral()
-        self.client_ephemeral_pub = crypto.point_bytes(self._ephemeral).hex()
-        self.nonce_c = nonce_c if nonce_c is not None else crypto.random_nonce_hex()
         self.nonce_c2 = nonce_c2 if nonce_c2 is not None else crypto.random_nonce_hex()
-        self.server_identity_pub: Optional[str] = None
-        self.server_ephemeral_pub: Optional[str] = None
-        self.nonce_s: Optional[str] = None
-        self.state = "start"
 
     def client_hello(self) -> Dict[str, Any]:
         """The ``client_hello`` message to send first."""
-        self.state = "hello_sent"
-        payload: Dict[str, Any] = {"client_ephemeral_pub": self.client_ephemeral_pub, "nonce_c": self.nonce_c}
+        payload = self._hello_payload()
         if self.announce_version:
-            payload["protocol_version"] = 1
+            payload["protocol_version"] = self.protocol_version
         return _message("client_hello", payload, self.flat)
 
     def on_server_hello(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
@@ -135,43 +238,15 @@ class V1Handshake:
         Verify a ``server_hello`` payload and return the ``client_auth``
         message. HandshakeError on a bad format, version or signature.
         """
-        if self.state != "hello_sent":
-            raise HandshakeError("unexpected server_hello")
-        version = payload.get("protocol_version")
-        if not is_wire_int(version) or version != 1:
-            raise HandshakeError("server answered protocol_version {!r}, expected 1".format(version))
-        server_eph = payload.get("server_ephemeral_pub")
-        nonce_s = payload.get("nonce_s")
-        identity_pub = payload.get("server_identity_pub")
-        signature = payload.get("server_signature")
-        for name, value, pattern in (
-            ("server_ephemeral_pub", server_eph, _HEX130),
-            ("nonce_s", nonce_s, _HEX64),
-            ("server_identity_pub", identity_pub, _HEX64),
-            ("server_signature", signature, _HEX128),
-        ):
-            if not isinstance(value, str) or not pattern.match(value):
-                raise HandshakeError("invalid " + name)
-        assert isinstance(server_eph, str) and isinstance(nonce_s, str)
-        assert isinstance(identity_pub, str) and isinstance(signature, str)
-        try:
-            crypto.load_point(bytes.fromhex(server_eph))
-        except crypto.CryptoError as e:
-            raise HandshakeError("invalid server_ephemeral_pub") from e
+        fields, _point = self._check_server_hello(payload)
+        identity_pub = fields["server_identity_pub"]
         if self.server_key is not None and identity_pub.lower() != self.server_key:
             raise HandshakeError("server identity key does not match the pinned key")
-        digest = crypto.v1_server_digest(identity_pub, server_eph, self.nonce_c, nonce_s)
-        if not crypto.verify_ed25519(bytes.fromhex(identity_pub), digest, bytes.fromhex(signature)):
+        digest = crypto.v1_server_digest(identity_pub, fields["server_ephemeral_pub"], self.nonce_c, fields["nonce_s"])
+        if not crypto.verify_ed25519(bytes.fromhex(identity_pub), digest, bytes.fromhex(fields["server_signature"])):
             raise HandshakeError("invalid server signature")
-        self.server_identity_pub = identity_pub
-        self.server_ephemeral_pub = server_eph
-        self.nonce_s = nonce_s
-        self.state = "auth_sent"
+        self._accept_server_hello(fields)
         return _message("client_auth", self.client_auth_payload(), self.flat)
-
-    def codec(self) -> None:
-        """v1 has no channel encryption: keep the JSON codec."""
-        return None
 
     def client_digest(self) -> bytes:
         """The 32-byte digest the user key signs (§4.3); needs ``server_hello`` first."""
@@ -182,57 +257,10 @@ class V1Handshake:
 
     def client_auth_payload(self) -> Dict[str, Any]:
         """The ``client_auth`` payload, signed over the strings exactly as sent."""
-        payload: Dict[str, Any] = {
-            "user_id": self.identity.user_id,
-            "device_id": self.device_id,
-            "client_signature": self.identity.sign_hex(self.client_digest()),
-            "nonce_c2": self.nonce_c2,
-        }
-        if self.device_name is not None:
-            payload["device_name"] = self.device_name
-        if self.device_type is not None:
-            payload["device_type"] = self.device_type
-        return payload
-
-    def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
-        """Check a ``session_established`` payload and return it as a dict."""
-        checked = check_session_established(self.state, self.device_id, payload, 1)
-        self.state = "established"
-        return checked
+        return self._auth_payload(self.identity.sign_hex(self.client_digest()), nonce_c2=self.nonce_c2)
 
 
-def check_session_established(state: str, device_id: str, payload: Mapping[str, Any], version: int) -> Dict[str, Any]:
-    """A ``session_established`` payload checked against the handshake (both versions); HandshakeError otherwise."""
-    if state != "auth_sent":
-        raise HandshakeError("unexpected session_established")
-    if payload.get("device_id") != device_id.lower():
-        raise HandshakeError("session_established for another device_id")
-    last = payload.get("last_ack_device_seq")
-    if not is_wire_int(last) or last < 0:
-        raise HandshakeError("session_established without an integer last_ack_device_seq")
-    got = payload.get("protocol_version", version)
-    if not is_wire_int(got) or got != version:
-        raise HandshakeError("session_established with protocol_version {!r}".format(got))
-    return dict(payload)
-
-
-def _check_server_hello_fields(payload: Mapping[str, Any]) -> Dict[str, str]:
-    """The four hex fields of a ``server_hello``, format-checked; HandshakeError otherwise."""
-    out: Dict[str, str] = {}
-    for name, pattern in (
-        ("server_ephemeral_pub", _HEX130),
-        ("nonce_s", _HEX64),
-        ("server_identity_pub", _HEX64),
-        ("server_signature", _HEX128),
-    ):
-        value = payload.get(name)
-        if not isinstance(value, str) or not pattern.match(value):
-            raise HandshakeError("invalid " + name)
-        out[name] = value
-    return out
-
-
-class V2Handshake:
+class V2Handshake(_Handshake):
     """
     One v2 handshake attempt (PROTOCOL.md §5). Use each instance for one
     connection: ``client_hello()`` → ``on_server_hello(payload)`` (returns
@@ -269,39 +297,22 @@ class V2Handshake:
     ) -> None:
         if resume_from is not None and (not is_wire_int(resume_from) or resume_from < 0):
             raise ValueError("resume_from must be an integer >= 0")
-        self.identity = identity
-        self.device_id = device_id
-        self.device_name = device_name
-        self.device_type = device_type
-        self.server_key = server_key.lower() if server_key else None
+        super().__init__(identity, device_id, device_name, device_type, server_key, ephemeral, nonce_c)
         self.pins = pins
         self.server_address = server_address
         self.resume_from = resume_from
-        self._ephemeral = ephemeral if ephemeral is not None else crypto.generate_ephemeral()
-        self.client_ephemeral_pub = crypto.point_bytes(self._ephemeral).hex()
-        self.nonce_c = nonce_c if nonce_c is not None else crypto.random_nonce_hex()
-        self.server_identity_pub: Optional[str] = None
-        self.server_ephemeral_pub: Optional[str] = None
-        self.nonce_s: Optional[str] = None
         self.transcript: Optional[bytes] = None
         self.k_c2s: Optional[bytes] = None
         self.k_s2c: Optional[bytes] = None
         #: How the server key was trusted: "new" (first use, now pinned),
         #: "pinned" (matched the pin), "given" (matched ``server_key``).
         self.pin_status: Optional[str] = None
-        self.state = "start"
 
     def client_hello(self) -> Dict[str, Any]:
         """The ``client_hello`` message (a text frame), announcing protocol_version 2."""
-        self.state = "hello_sent"
-        return {
-            "type": "client_hello",
-            "payload": {
-                "client_ephemeral_pub": self.client_ephemeral_pub,
-                "nonce_c": self.nonce_c,
-                "protocol_version": 2,
-            },
-        }
+        payload = self._hello_payload()
+        payload["protocol_version"] = self.protocol_version
+        return {"type": "client_hello", "payload": payload}
 
     def on_server_hello(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
         """
@@ -310,16 +321,7 @@ class V2Handshake:
         HandshakeError on anything but protocol_version 2, a bad format or
         signature; ``ServerKeyChanged`` when the pinned key does not match.
         """
-        if self.state != "hello_sent":
-            raise HandshakeError("unexpected server_hello")
-        version = payload.get("protocol_version")
-        if not is_wire_int(version) or version != 2:
-            raise HandshakeError("server answered protocol_version {!r} to a v2 client_hello".format(version))
-        fields = _check_server_hello_fields(payload)
-        try:
-            server_point = crypto.load_point(bytes.fromhex(fields["server_ephemeral_pub"]))
-        except crypto.CryptoError as e:
-            raise HandshakeError("invalid server_ephemeral_pub") from e
+        fields, server_point = self._check_server_hello(payload)
         identity_pub = fields["server_identity_pub"]
         th = crypto.v2_transcript(
             bytes.fromhex(self.client_ephemeral_pub),
@@ -335,10 +337,7 @@ class V2Handshake:
         self._trust(identity_pub.lower())
         self.transcript = th
         self.k_c2s, self.k_s2c = crypto.v2_keys(th, crypto.ecdh(self._ephemeral, server_point))
-        self.server_identity_pub = identity_pub
-        self.server_ephemeral_pub = fields["server_ephemeral_pub"]
-        self.nonce_s = fields["nonce_s"]
-        self.state = "auth_sent"
+        self._accept_server_hello(fields)
         return {"type": "client_auth", "payload": self.client_auth_payload()}
 
     def _trust(self, presented: str) -> None:
@@ -364,15 +363,7 @@ class V2Handshake:
 
     def client_auth_payload(self) -> Dict[str, Any]:
         """The v2 ``client_auth`` payload (no ``nonce_c2``; ``resume_from`` when set)."""
-        payload: Dict[str, Any] = {
-            "user_id": self.identity.user_id,
-            "device_id": self.device_id,
-            "client_signature": self.identity.sign_hex(self.client_message()),
-        }
-        if self.device_name is not None:
-            payload["device_name"] = self.device_name
-        if self.device_type is not None:
-            payload["device_type"] = self.device_type
+        payload = self._auth_payload(self.identity.sign_hex(self.client_message()))
         if self.resume_from is not None:
             payload["resume_from"] = self.resume_from
         return payload
@@ -382,9 +373,3 @@ class V2Handshake:
         if self.k_c2s is None or self.k_s2c is None:
             raise HandshakeError("no channel keys before server_hello")
         return V2Codec(self.k_c2s, self.k_s2c)
-
-    def on_session_established(self, payload: Mapping[str, Any]) -> Dict[str, Any]:
-        """Check a ``session_established`` payload (the first encrypted server frame)."""
-        checked = check_session_established(self.state, self.device_id, payload, 2)
-        self.state = "established"
-        return checked

@@ -15,7 +15,6 @@ v2 server pins (trust on first use, PROTOCOL.md §5): for each server address
 from __future__ import annotations
 
 import os
-import re
 import stat
 import uuid
 from typing import Any, Dict, Optional
@@ -26,15 +25,13 @@ from nacl.signing import SigningKey
 from twisted.logger import Logger
 
 from pocketbridge.protocol import crypto
+from pocketbridge.protocol.wire import HEX64_RE, is_hex, is_uuid
 from pocketbridge.client._util import MAX_DEVICE_SEQ, is_wire_int
 
 log = Logger()
 
 KEY_FILE_FORMAT = "pocketbridge-device-keys/1"
 DEVICE_TYPES = ("desktop", "mobile", "tablet", "web", "cli")
-
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_UUID = re.compile(r"^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
 
 
 class KeyFileError(Exception):
@@ -93,7 +90,7 @@ class Identity:
     @classmethod
     def from_seed_hex(cls, seed_hex: str) -> "Identity":
         """The identity with this hex64 seed."""
-        if not isinstance(seed_hex, str) or not _HEX64.match(seed_hex):
+        if not is_hex(seed_hex, HEX64_RE):
             raise ValueError("an Ed25519 seed is 64 hex characters")
         return cls.from_seed(bytes.fromhex(seed_hex))
 
@@ -219,7 +216,7 @@ class DeviceKeys:
         if not isinstance(stored_user, str) or stored_user.lower() != identity.user_id:
             raise KeyFileError("user_id does not match user_seed")
         device_id = doc.get("device_id")
-        if not isinstance(device_id, str) or not _UUID.match(device_id):
+        if not is_uuid(device_id):
             raise KeyFileError("invalid device_id")
         name = doc.get("device_name")
         dtype = doc.get("device_type", "cli")
@@ -235,7 +232,7 @@ class DeviceKeys:
             counters.append(value)
         pins = doc.get("server_pins", {})
         if not isinstance(pins, dict) or not all(
-            isinstance(k, str) and k and isinstance(v, str) and _HEX64.match(v) for k, v in pins.items()
+            isinstance(k, str) and k and is_hex(v, HEX64_RE) for k, v in pins.items()
         ):
             raise KeyFileError("invalid server_pins")
         return cls(identity, device_id, name, dtype, counters[0], counters[1], pins)

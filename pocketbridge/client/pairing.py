@@ -44,6 +44,7 @@ from twisted.internet.task import deferLater
 
 from pocketbridge.client.keys import DeviceKeys, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
+from pocketbridge.protocol.wire import HEX64_RE, PAIRING_CODE_RE, TOKEN_RE, is_hex
 
 __all__ = [
     "PairingBurned",
@@ -81,10 +82,6 @@ MAX_WAIT = 30  # seconds: the server's longest long-poll (API.md)
 REQUEST_SLACK = 15.0  # seconds a request may take beyond its long-poll before we give up on it
 MIN_POLL_INTERVAL = 1.0  # seconds between long-polls that came back early
 CREATE_ATTEMPTS = 3  # fresh codes tried when a generated one is taken
-
-_CODE_RE = re.compile(r"^[0-9]{6}\Z")
-_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
-_TOKEN_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +133,7 @@ def normalize_code(code: str) -> str:
     if not isinstance(code, str):
         raise PairingFailed("a pairing code is six digits")
     cleaned = re.sub(r"[\s-]", "", code)
-    if not _CODE_RE.match(cleaned):
+    if not PAIRING_CODE_RE.match(cleaned):
         raise PairingFailed("a pairing code is six digits")
     return cleaned
 
@@ -275,7 +272,7 @@ def keys_from_bundle(bundle: Mapping[str, Any], device_name: Optional[str] = Non
         raise PairingFailed("the identity bundle's user_id does not match its seed")
     pins = bundle.get("server_pins", {})
     if not isinstance(pins, dict) or not all(
-        isinstance(k, str) and k and isinstance(v, str) and _HEX64_RE.match(v) for k, v in pins.items()
+        isinstance(k, str) and k and is_hex(v, HEX64_RE) for k, v in pins.items()
     ):
         raise PairingFailed("the identity bundle has invalid server_pins")
     return DeviceKeys(identity, str(uuid.uuid4()), device_name=device_name, device_type=device_type,
@@ -446,7 +443,7 @@ async def pair_join(
         _raise_for(resp, "joining")
     body = resp.json if isinstance(resp.json, dict) else {}
     token = body.get("b_token")
-    if not isinstance(token, str) or not _TOKEN_RE.match(token):
+    if not is_hex(token, TOKEN_RE):
         raise PairingFailed("the server sent an invalid token")
     derived = pake.finish(body.get("msg_a"))  # type: ignore[arg-type]
     if on_verify is not None and await _maybe_await(on_verify(derived.verification)) is False:

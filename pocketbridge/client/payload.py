@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 from typing import Any, Optional
 
 from cryptography.exceptions import InvalidTag
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pocketbridge.client.keys import Identity
+from pocketbridge.protocol.events import B64_RE
 
 __all__ = ["PayloadError", "PayloadKey", "FORMAT_VERSION"]
 
@@ -39,8 +39,6 @@ INFO = b"pocketbridge payload v1"
 NONCE_BYTES = 12
 TAG_BYTES = 16
 _VERSION_BYTE = bytes([FORMAT_VERSION])
-# What the server accepts as encrypted_payload (PROTOCOL.md §6), plus length % 4 == 0.
-_SERVER_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}\Z")
 
 
 class PayloadError(ValueError):
@@ -92,7 +90,8 @@ class PayloadKey:
 
     def open(self, encrypted_payload: Any, stream_id: str, type: str) -> bytes:
         """The plaintext of ``encrypted_payload``; PayloadError when it does not open."""
-        if not isinstance(encrypted_payload, str) or not _SERVER_B64.match(encrypted_payload) \
+        # What the server accepts as encrypted_payload (PROTOCOL.md §6), plus length % 4 == 0.
+        if not isinstance(encrypted_payload, str) or not B64_RE.match(encrypted_payload) \
                 or len(encrypted_payload) % 4:
             raise PayloadError("encrypted_payload is not padded standard base64")
         try:
