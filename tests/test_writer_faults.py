@@ -209,7 +209,7 @@ class StorageOutageLogTests(SynchronousTestCase):
 
     def test_outage_logs_once_per_kind_of_call(self) -> None:
         """500 failing commits and 500 failing handshake reads give 2 warnings, not 1,000; each still fails StorageUnavailable."""
-        from pocketbridge.server.storage.base import Storage
+        from pocketbridge.server.storage import Storage
 
         captured: List[Dict[str, Any]] = []
 

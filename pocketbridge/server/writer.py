@@ -36,12 +36,12 @@ from twisted.python.failure import Failure
 
 from pocketbridge.server import metrics
 from pocketbridge.protocol.events import NewEvent
-from pocketbridge.server.storage import Outcome, Storage, StorageUnavailable
+from pocketbridge.server.storage import Outcome, OutcomeKind, Storage, StorageUnavailable, Txn
 
 log = Logger()
 
 #: Outcomes whose stored row is announced on the bus.
-PUBLISHED = frozenset({"stored", "duplicate"})
+PUBLISHED = frozenset({OutcomeKind.STORED, OutcomeKind.DUPLICATE})
 #: First wait after two commits in a row failed; doubles up to ``retry_max``.
 RETRY_INITIAL = 0.25
 #: Free bytes the embedded shape's probe write wants at least (and twice the last failed batch).
@@ -63,7 +63,7 @@ def probe_write(storage: Storage, need_bytes: int = PROBE_FREE_MIN) -> "Deferred
         if free < need_bytes:
             return fail(StorageUnavailable("probe_write: {} bytes free".format(free)))
 
-    def txn(t: Any) -> None:
+    def txn(t: Txn) -> None:
         storage._execute(t, "UPDATE schema_version SET applied_at = applied_at"
                             " WHERE version = (SELECT MAX(version) FROM schema_version)")
 
@@ -96,6 +96,7 @@ class EventWriter:
         self.delay = delay
         self.retry_max = retry_max
         self.log_interval = log_interval
+        self._failed_bytes = 0  # payload bytes of the last failed batch (the probe's size hint)
         self._probe = probe if probe is not None else (
             lambda: probe_write(storage, max(PROBE_FREE_MIN, 2 * self._failed_bytes)))
         self._now_ms = now_ms or (lambda: int(clock.seconds() * 1000))
@@ -113,7 +114,6 @@ class EventWriter:
         self._next_reminder = 0.0
         self._backoff = 0.0
         self._probe_call: Any = None
-        self._failed_bytes = 0  # payload bytes of the last failed batch (the probe's size hint)
 
     @property
     def storage_ok(self) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple
 from twisted.logger import Logger
 
 from pocketbridge.server.cluster.drain import start_drain
-from pocketbridge.server.storage.q_devices import NOT_FOUND
+from pocketbridge.server.storage.devices import NOT_FOUND
 from pocketbridge.protocol.wire import HEX64_RE, is_uuid
 from pocketbridge.server.api.devices import revoke as revoke_device
 from pocketbridge.server.api.http import Api, ApiError

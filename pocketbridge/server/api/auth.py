@@ -14,7 +14,7 @@ from pocketbridge.protocol import crypto
 
 from pocketbridge.server import metrics
 from pocketbridge.protocol.crypto import signed_message
-from pocketbridge.server.storage.q_replay import StorageReplayCache
+from pocketbridge.server.storage.replay import StorageReplayCache
 from pocketbridge.protocol.wire import HEX64_RE, HEX128_RE, is_uuid
 from pocketbridge.server.api.http import ApiError
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
-from pocketbridge.server.storage.base import DeviceState
-from pocketbridge.server.storage.q_devices import ALREADY, NAME_TAKEN, NOT_FOUND, REMOVED, RENAMED, REVOKED
+from pocketbridge.server.storage.devices import DeviceState
+from pocketbridge.server.storage.devices import ALREADY, NAME_TAKEN, NOT_FOUND, REMOVED, RENAMED, REVOKED
 from pocketbridge.protocol.wire import is_uuid
 from pocketbridge.server.api.auth import Caller
 from pocketbridge.server.api.http import Api, ApiError, body_object, query_arg

@@ -83,11 +83,11 @@ class Jobs(Service):
                 metrics.JOB_ROWS.labels(job=name).inc(n)
                 log.info("job {job} removed {n} rows", job=name, n=n)
 
-    async def _batches(self, job: str, fn: Any, *args: Any) -> int:
-        storage = self.node.storage
+    async def _batches(self, job: str, batch: Callable[[], "Deferred[Optional[int]]"]) -> int:
+        """Call ``batch`` (one locked storage batch) until a short one; None means another node does this run."""
         total = 0
         for _ in range(MAX_BATCHES_PER_RUN):
-            n = await storage.run_locked(job, fn, *args)
+            n = await batch()
             if n is None:  # another node holds the lock: it does this run
                 metrics.JOB_RUNS.labels(job=job, result="skipped").inc()
                 break
@@ -98,27 +98,24 @@ class Jobs(Service):
 
     async def event_ttl(self) -> int:
         """Delete events whose ttl passed more than 5 minutes ago."""
-        s = self.node.storage
-        return await self._batches("event_ttl", s._txn_delete_expired_events, self.node.now_ms(), self.batch)
+        storage, now = self.node.storage, self.node.now_ms()
+        return await self._batches("event_ttl", lambda: storage.delete_expired_events(now, self.batch))
 
     async def retention(self) -> int:
         """Delete events older than ``event_retention_days`` and raise purged_below_seq."""
         cutoff = self.node.now_ms() - int(self.node.settings.event_retention_days * 86_400_000)
-        s = self.node.storage
-        return await self._batches("retention", s._txn_apply_retention, cutoff, self.batch)
+        storage = self.node.storage
+        return await self._batches("retention", lambda: storage.apply_retention(cutoff, self.batch))
 
     async def pairing_expiry(self) -> int:
         """Delete expired pairing records."""
-        s = self.node.storage
-        fn = getattr(s, "_txn_delete_expired_pairing", None)
-        if fn is None:
-            return 0
-        return await self._batches("pairing_expiry", fn, self.node.now_ms(), self.batch)
+        storage, now = self.node.storage, self.node.now_ms()
+        return await self._batches("pairing_expiry", lambda: storage.delete_expired_pairing(now, self.batch))
 
     async def mailbox_expiry(self) -> int:
         """Delete expired v2 pairing mailboxes."""
-        s = self.node.storage
-        return await self._batches("mailbox_expiry", s._txn_delete_expired_mailboxes, self.node.now_ms(), self.batch)
+        storage, now = self.node.storage, self.node.now_ms()
+        return await self._batches("mailbox_expiry", lambda: storage.delete_expired_mailboxes(now, self.batch))
 
     async def presence_sweep(self) -> int:
         """Drop presence entries of crashed nodes and announce those devices offline."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from pocketbridge.server.config import Settings
-from pocketbridge.server.storage.base import Storage
+from pocketbridge.server.storage.datastore import Storage
 
 
 def open_storage(settings: Settings) -> Storage:

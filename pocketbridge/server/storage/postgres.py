@@ -9,7 +9,8 @@ from typing import Any, List, Tuple
 from twisted.enterprise import adbapi
 from twisted.logger import Logger
 
-from pocketbridge.server.storage.base import Storage
+from pocketbridge.server.storage.base import Txn
+from pocketbridge.server.storage.datastore import Storage
 
 log = Logger()
 #: Seconds between two "connection lost" lines of one pool (one line per outage, not per query).
@@ -18,6 +19,11 @@ LOST_LOG_INTERVAL = 60.0
 
 MIGRATION_LOCK = 0x70625F6D6967  # "pb_mig"
 JOB_LOCK_CLASS = 0x70626A  # "pbj"
+
+
+def _cursor(txn: Any) -> Any:
+    """The driver cursor under a Txn (psycopg2's ``execute_values`` needs one); a bare cursor as it is."""
+    return txn.cursor if isinstance(txn, Txn) else txn
 
 
 def _setup(conn: Any) -> None:
@@ -126,12 +132,12 @@ class PostgresStorage(Storage):
             connect_timeout=5,
         )
 
-    def _lock_migrations(self, txn: Any) -> None:
+    def _lock_migrations(self, txn: Txn) -> None:
         # A transaction-scoped advisory lock: the second node waits, then finds
         # the schema current.
         txn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
 
-    def _try_job_lock(self, txn: Any, job: str) -> bool:
+    def _try_job_lock(self, txn: Txn, job: str) -> bool:
         # Transaction-scoped: released at commit, so each batch is one lock hold.
         txn.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (JOB_LOCK_CLASS, job))
         return bool(txn.fetchone()[0])
@@ -139,28 +145,28 @@ class PostgresStorage(Storage):
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
-    def _update_users(self, txn: Any, rows: List[Tuple[str, int, int, int]]) -> None:
+    def _update_users(self, txn: Txn, rows: List[Tuple[str, int, int, int]]) -> None:
         from psycopg2.extras import execute_values
 
         execute_values(
-            txn, "UPDATE users AS u SET head_seq = v.h, stored_bytes = v.b, last_activity = v.t"
+            _cursor(txn), "UPDATE users AS u SET head_seq = v.h, stored_bytes = v.b, last_activity = v.t"
             " FROM (VALUES %s) AS v(uid, h, b, t) WHERE u.user_id = v.uid", rows,
             template="(%s, %s::bigint, %s::bigint, %s::bigint)", page_size=1000)
 
-    def _upsert_streams(self, txn: Any, rows: List[Tuple[str, str, int]]) -> None:
+    def _upsert_streams(self, txn: Txn, rows: List[Tuple[str, str, int]]) -> None:
         from psycopg2.extras import execute_values
 
         execute_values(
-            txn, "INSERT INTO streams (user_id, stream_id, head) VALUES %s"
+            _cursor(txn), "INSERT INTO streams (user_id, stream_id, head) VALUES %s"
             " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head", rows, page_size=1000)
 
-    def _update_devices(self, txn: Any, rows: List[Tuple[str, str, int, int]]) -> None:
+    def _update_devices(self, txn: Txn, rows: List[Tuple[str, str, int, int]]) -> None:
         self._update_devices_in_order(txn, "last_device_seq", rows)
 
-    def _txn_update_cursors(self, txn: Any, rows: List[Tuple[int, int, str, str]]) -> None:
+    def _txn_update_cursors(self, txn: Txn, rows: List[Tuple[int, int, str, str]]) -> None:
         self._update_devices_in_order(txn, "delivered_seq", [(u, d, seq, t) for seq, t, u, d in rows])
 
-    def _update_devices_in_order(self, txn: Any, column: str, rows: List[Tuple[str, str, int, int]]) -> None:
+    def _update_devices_in_order(self, txn: Txn, column: str, rows: List[Tuple[str, str, int, int]]) -> None:
         """
         Raise ``column`` to at least the given value and set ``last_seen``, per
         (user_id, device_id, value, now), in one statement.
@@ -174,19 +180,19 @@ class PostgresStorage(Storage):
         from psycopg2.extras import execute_values
 
         execute_values(
-            txn, "WITH v(uid, did, m, t) AS (VALUES %s),"
+            _cursor(txn), "WITH v(uid, did, m, t) AS (VALUES %s),"
             " l AS MATERIALIZED (SELECT d.user_id, d.device_id, v.m, v.t FROM v JOIN devices d"
             " ON d.user_id = v.uid AND d.device_id = v.did ORDER BY d.user_id, d.device_id FOR UPDATE OF d)"
             " UPDATE devices AS d SET {c} = GREATEST(d.{c}, l.m), last_seen = l.t"
             " FROM l WHERE d.user_id = l.user_id AND d.device_id = l.device_id".format(c=column), rows,
             template="(%s, %s, %s::bigint, %s::bigint)", page_size=max(1, len(rows)))  # one statement: one order
 
-    def _insert_events(self, txn: Any, rows: List[Tuple[Any, ...]]) -> None:
+    def _insert_events(self, txn: Txn, rows: List[Tuple[Any, ...]]) -> None:
         # One multi-row statement: adbapi/psycopg2's per-row path is the largest cost.
         from psycopg2.extras import execute_values
 
         execute_values(
-            txn,
+            _cursor(txn),
             "INSERT INTO events (user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq, type,"
             " encrypted_payload, payload_size, ttl, created_at) VALUES %s",
             rows,

@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.enterprise import adbapi
 
-from pocketbridge.server.storage.base import Storage
+from pocketbridge.server.storage.datastore import Storage
 
 
 def _setup(conn: sqlite3.Connection) -> None:

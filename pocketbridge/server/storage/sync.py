@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 from pocketbridge.server.config import Settings
+from pocketbridge.server.storage.base import BaseStore, Txn
 from pocketbridge.server.storage.factory import open_storage
 
 
@@ -36,10 +37,14 @@ def migrate_now(settings: Settings) -> int:
         conn.close()
 
 
-def migrate_connection(storage: Any, conn: Any) -> int:
-    """Apply pending migrations of ``storage``'s dialect over an open DB-API connection and commit."""
-    cur = conn.cursor()
-    storage._begin(cur)
-    version: int = storage._txn_migrate(cur)
+def migrate_connection(storage: BaseStore, conn: Any) -> int:
+    """
+    Apply pending migrations of ``storage``'s dialect over an open DB-API
+    connection and commit; then run the transaction's effects (its log lines).
+    """
+    txn = Txn(conn.cursor())
+    storage._begin(txn)
+    version = storage._txn_migrate(txn)
     conn.commit()
+    txn.run_effects("migrate")
     return version

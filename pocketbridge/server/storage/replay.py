@@ -15,24 +15,28 @@ budget bounds, plus fewer than ``SWEEP_BATCH`` expired rows.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred
+
+from pocketbridge.server.storage.base import BaseStore, Txn
 
 SWEEP_BATCH = 64
 
 
 class StorageReplayCache:
-    """``insert_if_absent`` of ``pocketbridge.server.cluster.limits`` on the ``replay_cache`` table."""
+    """
+    ``insert_if_absent`` of ``pocketbridge.server.cluster.limits`` on the
+    ``replay_cache`` table. It holds the storage rather than being one of its
+    stores: only deployments without Redis use it, in place of the limits'.
+    """
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: BaseStore) -> None:
         self.storage = storage
 
     def insert_if_absent(self, key: str, expires_at_ms: int, now_ms: int) -> "Deferred[bool]":
         """True when ``key`` was not live (and is now remembered until ``expires_at_ms``)."""
-        return self.storage.run("replay_insert", self._txn_insert, key, expires_at_ms, now_ms)  # type: ignore[no-any-return]
+        return self.storage.run("replay_insert", self._txn_insert, key, expires_at_ms, now_ms)
 
-    def _txn_insert(self, txn: Any, key: str, expires_at: int, now: int) -> bool:
+    def _txn_insert(self, txn: Txn, key: str, expires_at: int, now: int) -> bool:
         ex = self.storage._execute
         ex(txn, "DELETE FROM replay_cache WHERE sig IN"
                 " (SELECT sig FROM replay_cache WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)", (now, SWEEP_BATCH))
@@ -43,11 +47,11 @@ class StorageReplayCache:
 
     def count(self) -> "Deferred[int]":
         """Rows in the cache (for tests and operators)."""
-        def txn_fn(txn: Any) -> int:
+        def txn_fn(txn: Txn) -> int:
             self.storage._execute(txn, "SELECT COUNT(*) FROM replay_cache")
             return int(txn.fetchone()[0])
 
-        return self.storage.run("replay_count", txn_fn)  # type: ignore[no-any-return]
+        return self.storage.run("replay_count", txn_fn)
 
     def sweep(self) -> None:
         """Nothing to do in memory: expired rows go with later inserts."""

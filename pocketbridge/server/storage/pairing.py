@@ -1,5 +1,5 @@
 """
-SQL for the pairing routes (mixed into Storage; uses its run/_execute helpers).
+The v1 pairing routes' store.
 
 The ``pairing`` table holds one row per live code: ``kind`` (``v1`` here),
 the storing user and the sealed record. The sealing happens above this
@@ -10,10 +10,14 @@ layer; these queries never see plaintext and never raise on a taken code
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
-if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred
+
+from pocketbridge.server.storage.base import BaseStore, StrEnum, Txn
+
+#: The cluster-wide lock of the expiry job's batches (the job's name: unchanged across versions).
+EXPIRY_LOCK = "pairing_expiry"
 
 
 def blob(value: Any) -> bytes:
@@ -23,23 +27,23 @@ def blob(value: Any) -> bytes:
     return bytes(value)
 
 
+class PairingStored(StrEnum):
+    """Whether ``store_pairing`` stored the record."""
+
+    STORED = "stored"
+    CONFLICT = "conflict"  # the code is live for someone
+
+
 @dataclass(frozen=True)
 class StoreResult:
-    """What ``store_pairing`` did: ``stored``, or ``conflict`` with the holder (None if it vanished)."""
+    """What ``store_pairing`` did: STORED, or CONFLICT with the holder (None if it vanished)."""
 
-    outcome: str
+    outcome: PairingStored
     holder: Optional[str] = None
 
 
-class PairingQueries:
-    """Queries of the pairing routes. Each public method returns a Deferred via self.run."""
-
-    if TYPE_CHECKING:  # provided by Storage
-        lock_suffix: str
-
-        def run(self, description: str, fn: Any, *args: Any) -> "Deferred[Any]": ...
-
-        def _execute(self, txn: Any, sql: str, params: Sequence[Any] = ()) -> None: ...
+class PairingStore(BaseStore):
+    """The ``pairing`` table (v1 codes)."""
 
     # -------------------------------------------------------------- store
 
@@ -55,7 +59,7 @@ class PairingQueries:
         return self.run("store_pairing", self._txn_store_pairing, code, user_id, kind, sealed, now, expires_at)
 
     def _txn_store_pairing(
-        self, txn: Any, code: str, user_id: str, kind: str, sealed: bytes, now: int, expires_at: int
+        self, txn: Txn, code: str, user_id: str, kind: str, sealed: bytes, now: int, expires_at: int
     ) -> StoreResult:
         self._execute(txn, "DELETE FROM pairing WHERE code = ? AND expires_at <= ?", (code, now))
         self._execute(
@@ -65,10 +69,10 @@ class PairingQueries:
             (code, user_id, kind, bytes(sealed), now, expires_at),
         )
         if txn.rowcount == 1:
-            return StoreResult("stored")
+            return StoreResult(PairingStored.STORED)
         self._execute(txn, "SELECT user_id FROM pairing WHERE code = ?", (code,))
         row = txn.fetchone()
-        return StoreResult("conflict", row[0] if row else None)
+        return StoreResult(PairingStored.CONFLICT, row[0] if row else None)
 
     # -------------------------------------------------------------- redeem
 
@@ -81,7 +85,7 @@ class PairingQueries:
         """
         return self.run("redeem_pairing", self._txn_redeem_pairing, code, kind, now)
 
-    def _txn_redeem_pairing(self, txn: Any, code: str, kind: str, now: int) -> Optional[Tuple[str, bytes]]:
+    def _txn_redeem_pairing(self, txn: Txn, code: str, kind: str, now: int) -> Optional[Tuple[str, bytes]]:
         self._execute(
             txn, "DELETE FROM pairing WHERE code = ? AND kind = ? AND expires_at > ? RETURNING user_id, sealed",
             (code, kind, now),
@@ -98,15 +102,19 @@ class PairingQueries:
         """How many v1 pairing records are unexpired at ``now`` (v2 mailboxes: ``mailbox_live_count``)."""
         return self.run("count_live_pairing", self._txn_count_live_pairing, now)
 
-    def _txn_count_live_pairing(self, txn: Any, now: int) -> int:
+    def _txn_count_live_pairing(self, txn: Txn, now: int) -> int:
         self._execute(txn, "SELECT COUNT(*) FROM pairing WHERE expires_at > ?", (now,))
         return int(txn.fetchone()[0])
 
-    def delete_expired_pairing(self, now: int, batch: int) -> "Deferred[int]":
-        """Delete up to ``batch`` records expired at ``now`` (oldest first); fires with how many (for a job)."""
-        return self.run("delete_expired_pairing", self._txn_delete_expired_pairing, now, batch)
+    def delete_expired_pairing(self, now: int, batch: int) -> "Deferred[Optional[int]]":
+        """
+        One batch of the expiry job: delete up to ``batch`` records expired at
+        ``now`` (oldest first) under the job's cluster-wide lock; fires with
+        how many, or None when another node holds the lock.
+        """
+        return self.run_locked(EXPIRY_LOCK, self._txn_delete_expired_pairing, now, batch)
 
-    def _txn_delete_expired_pairing(self, txn: Any, now: int, batch: int) -> int:
+    def _txn_delete_expired_pairing(self, txn: Txn, now: int, batch: int) -> int:
         self._execute(
             txn,
             "DELETE FROM pairing WHERE code IN"
