@@ -13,7 +13,7 @@ import math
 import os
 import resource
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -97,13 +97,12 @@ def machine_cpu_ticks() -> Optional[List[int]]:
     return [total - idle, total]
 
 
-def all_process_cpu() -> Dict[int, Tuple[str, float]]:
-    """``{pid: (command name, CPU seconds)}`` of every process visible in ``/proc``."""
-    out: Dict[int, Tuple[str, float]] = {}
+def _proc_stats() -> Iterator[Tuple[int, str, List[str]]]:
+    """``(pid, command name, the fields after it)`` of each process visible in ``/proc/<pid>/stat``."""
     try:
         names = os.listdir("/proc")
     except OSError:
-        return out
+        return
     for name in names:
         if not name.isdigit():
             continue
@@ -112,10 +111,15 @@ def all_process_cpu() -> Dict[int, Tuple[str, float]]:
                 data = f.read().decode("ascii", "replace")
         except OSError:
             continue
-        comm = data[data.find("(") + 1:data.rfind(")")]
-        fields = data[data.rfind(")") + 2:].split()
+        yield int(name), data[data.find("(") + 1:data.rfind(")")], data[data.rfind(")") + 2:].split()
+
+
+def all_process_cpu() -> Dict[int, Tuple[str, float]]:
+    """``{pid: (command name, CPU seconds)}`` of every process visible in ``/proc``."""
+    out: Dict[int, Tuple[str, float]] = {}
+    for pid, comm, fields in _proc_stats():
         try:
-            out[int(name)] = (comm, (int(fields[11]) + int(fields[12])) / _TICKS)
+            out[pid] = (comm, (int(fields[11]) + int(fields[12])) / _TICKS)
         except (IndexError, ValueError):
             continue
     return out
@@ -132,19 +136,11 @@ def _children(pid: int) -> List[int]:
         return found
     except (OSError, ValueError):
         pass
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
-            continue
+    for child, _, fields in _proc_stats():
         try:
-            with open("/proc/{}/stat".format(name), "rb") as f:
-                data = f.read().decode("ascii", "replace")
-            if int(data[data.rfind(")") + 2:].split()[1]) == pid:
-                found.append(int(name))
-        except (OSError, ValueError, IndexError):
+            if int(fields[1]) == pid:
+                found.append(child)
+        except (IndexError, ValueError):
             continue
     return found
 
