@@ -1,10 +1,12 @@
 """
 ``Client``: the high-level client (PROTOCOL.md §4–§9), protocol v1 or v2.
 
-It runs the handshake over a ``RawConnection``, then dispatches every server
-message: acks resolve the Deferred of the event they belong to
-(``AckTracker``), events from other devices are recorded and (with
-``auto_ack``) acknowledged, catch-up pages are collected (§7.3).
+It runs the handshake over a ``RawConnection`` (``establish.run_handshake``),
+then dispatches every server message: acks resolve the Deferred of the event
+they belong to (``outbox.Outbox``), events from other devices are recorded
+(``inbox.Inbox``: history, ``next_event``, ``wait_for``, ``on_event``) and
+(with ``auto_ack``) acknowledged, catch-up pages are collected (§7.3). The
+attributes callers read of those parts are forwarded by ``views.ClientViews``.
 
 What differs between the versions is one strategy object chosen at
 construction from ``PROTOCOLS`` (see ``strategy.py``):
@@ -34,11 +36,11 @@ from pocketbridge.client.establish import run_handshake
 from pocketbridge.client.inbox import EventCallback, Inbox
 from pocketbridge.client.keys import DeviceKeys, Identity
 from pocketbridge.client.options import AUTO, OMIT, ClientOptions, Connector, default_connector
+from pocketbridge.client.outbox import Outbox
 from pocketbridge.client.protocol_v1 import ProtocolV1
 from pocketbridge.client.protocol_v2 import ProtocolV2
 from pocketbridge.client.strategy import Host, ProtocolStrategy, ServerReports
-from pocketbridge.client.outbox import Outbox
-from pocketbridge.client.v2 import V2Outcomes
+from pocketbridge.client.views import ClientViews
 
 __all__ = ["AUTO", "DEFAULT_PROTOCOL_VERSION", "OMIT", "PROTOCOLS", "Client", "ClientOptions"]
 
@@ -49,7 +51,7 @@ DEFAULT_PROTOCOL_VERSION = 2
 PROTOCOLS: Dict[int, Callable[[Host, ClientOptions], ProtocolStrategy]] = {1: ProtocolV1, 2: ProtocolV2}
 
 
-class Client:
+class Client(ClientViews):
     """
     A PocketBridge client for one device of ``identity``.
 
@@ -173,74 +175,6 @@ class Client:
     def protocol_version(self) -> int:
         """1 or 2, fixed at construction."""
         return self._protocol.version
-
-    @property
-    def keep_history(self) -> bool:
-        """Whether received messages and events are stored and queued (may be changed at any time)."""
-        return self.inbox.keep_history
-
-    @keep_history.setter
-    def keep_history(self, value: bool) -> None:
-        self.inbox.keep_history = value
-
-    @property
-    def on_event(self) -> Optional[EventCallback]:
-        """Called with each received event payload, history or not (may be changed at any time)."""
-        return self.inbox.on_event
-
-    @on_event.setter
-    def on_event(self, value: Optional[EventCallback]) -> None:
-        self.inbox.on_event = value
-
-    @property
-    def messages(self) -> List[Any]:
-        """Every message received after authentication, over all connections (when history is kept)."""
-        return self.inbox.messages
-
-    @property
-    def events_received(self) -> List[Dict[str, Any]]:
-        """Every event payload received, live or replayed (when history is kept)."""
-        return self.inbox.events_received
-
-    @property
-    def outcomes(self) -> V2Outcomes:
-        """The sends of this connection still waiting for their ack (or v2 error)."""
-        return self.outbox.outcomes
-
-    @property
-    def last_acked_own(self) -> int:
-        """The highest own ``device_seq`` acked on this connection (at first the server's watermark)."""
-        return self.outbox.last_acked_own
-
-    @property
-    def last_received_seq(self) -> int:
-        """The highest event ``seq`` received, over all connections (v2 ``resume_from``)."""
-        return self.last_seq
-
-    @property
-    def errors(self) -> List[Dict[str, Any]]:
-        """v2: every typed ``error`` the server sent (v1: always empty)."""
-        return self.reports.errors
-
-    @property
-    def resync(self) -> Optional[Dict[str, Any]]:
-        """v2: the last ``resync_required`` payload, if any."""
-        return self.reports.resync
-
-    @property
-    def expiring(self) -> Optional[Dict[str, Any]]:
-        """v2: the last ``session_expiring_soon`` payload, if any."""
-        return self.reports.expiring
-
-    @property
-    def pin_status(self) -> Optional[str]:
-        """v2: how the last handshake trusted the server key ("new", "pinned", "given")."""
-        return self.reports.pin_status
-
-    @property
-    def unsolicited_pages(self) -> List[Dict[str, Any]]:
-        """v1: replay pages that answered no request (the pushed first page)."""
-        return self.reports.unsolicited_pages
 
     # ------------------------------------------------------------ handshake
 
