@@ -1,10 +1,12 @@
 """
 ``Client``: the high-level client (PROTOCOL.md §4–§9), protocol v1 or v2.
 
-It runs the handshake over a ``RawConnection``, then dispatches every server
-message: acks resolve the Deferred of the event they belong to
-(``AckTracker``), events from other devices are recorded and (with
-``auto_ack``) acknowledged, catch-up pages are collected (§7.3).
+It runs the handshake over a ``RawConnection`` (``establish.run_handshake``),
+then dispatches every server message: acks resolve the Deferred of the event
+they belong to (``outbox.Outbox``), events from other devices are recorded
+(``inbox.Inbox``: history, ``next_event``, ``wait_for``, ``on_event``) and
+(with ``auto_ack``) acknowledged, catch-up pages are collected (§7.3). The
+attributes callers read of those parts are forwarded by ``views.ClientViews``.
 
 What differs between the versions is one strategy object chosen at
 construction from ``PROTOCOLS`` (see ``strategy.py``):
@@ -24,24 +26,23 @@ A ``Client`` can ``connect`` again after its connection closed; it keeps its
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
 
-from pocketbridge.client._util import WaitQueue, is_wire_int, uuid7
+from pocketbridge.client._util import is_wire_int
 from pocketbridge.client.connection import CloseInfo, ConnectionClosed, RawConnection
-from pocketbridge.client.handshake import HandshakeError, envelope_payload
+from pocketbridge.client.establish import run_handshake
+from pocketbridge.client.inbox import EventCallback, Inbox
 from pocketbridge.client.keys import DeviceKeys, Identity
 from pocketbridge.client.options import AUTO, OMIT, ClientOptions, Connector, default_connector
+from pocketbridge.client.outbox import Outbox
 from pocketbridge.client.protocol_v1 import ProtocolV1
 from pocketbridge.client.protocol_v2 import ProtocolV2
 from pocketbridge.client.strategy import Host, ProtocolStrategy, ServerReports
-from pocketbridge.client.v2 import V2Outcomes
+from pocketbridge.client.views import ClientViews
 
 __all__ = ["AUTO", "DEFAULT_PROTOCOL_VERSION", "OMIT", "PROTOCOLS", "Client", "ClientOptions"]
-
-log = Logger()
 
 #: The protocol version ``Client.for_device`` speaks unless told otherwise.
 DEFAULT_PROTOCOL_VERSION = 2
@@ -50,7 +51,7 @@ DEFAULT_PROTOCOL_VERSION = 2
 PROTOCOLS: Dict[int, Callable[[Host, ClientOptions], ProtocolStrategy]] = {1: ProtocolV1, 2: ProtocolV2}
 
 
-class Client:
+class Client(ClientViews):
     """
     A PocketBridge client for one device of ``identity``.
 
@@ -94,7 +95,7 @@ class Client:
         server_key: Optional[str] = None,
         next_device_seq: int = 1,
         keep_history: bool = True,
-        on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
+        on_event: Optional[EventCallback] = None,
         handshake_timeout: float = 30.0,
         connector: Optional[Connector] = None,
         handshake_factory: Optional[Callable[["Client"], Any]] = None,
@@ -122,8 +123,8 @@ class Client:
         self.device_name = device_name
         self.device_type = device_type
         self.auto_ack = auto_ack
-        self.keep_history = keep_history
-        self.on_event = on_event
+        #: What was received: history, the ``next_event`` queue, ``wait_for``, ``on_event``.
+        self.inbox = Inbox(reactor, keep_history, on_event)
         self.keys = keys
         self.keys_path = keys_path
         self.server_pins: Dict[str, str] = keys.server_pins if keys is not None else {}
@@ -131,15 +132,12 @@ class Client:
             last_received_seq = keys.last_received_seq if keys is not None else 0
         #: The highest event ``seq`` received, over all connections.
         self.last_seq = last_received_seq
-        self._next_device_seq = next_device_seq
         self.raw: Optional[RawConnection] = None
         self.session: Optional[Dict[str, Any]] = None
-        self.events_received: List[Dict[str, Any]] = []
-        self.messages: List[Any] = []
         self.close_info: Optional[CloseInfo] = None
         self.reports = ServerReports()
-        self._events: WaitQueue[Dict[str, Any]] = WaitQueue(reactor)
-        self._watchers: List[Tuple[str, "Deferred[Any]"]] = []
+        #: What was sent: the ``device_seq`` counter and the acks still awaited.
+        self.outbox = Outbox(self, next_device_seq)
         self._protocol: ProtocolStrategy = make_protocol(self, self.options)
         self._reset_connection_state()
 
@@ -167,9 +165,8 @@ class Client:
         )
 
     def _reset_connection_state(self, last_ack_device_seq: int = 0) -> None:
-        """Fresh per-connection bookkeeping: ack matching here, the rest in the strategy."""
-        self._acks = V2Outcomes()
-        self._last_acked_own = last_ack_device_seq
+        """Fresh per-connection bookkeeping: ack matching in the outbox, the rest in the strategy."""
+        self.outbox.reset(last_ack_device_seq)
         self._protocol.reset(last_ack_device_seq)
 
     # ------------------------------------------------------------ what the strategy reads
@@ -178,46 +175,6 @@ class Client:
     def protocol_version(self) -> int:
         """1 or 2, fixed at construction."""
         return self._protocol.version
-
-    @property
-    def outcomes(self) -> V2Outcomes:
-        """The sends of this connection still waiting for their ack (or v2 error)."""
-        return self._acks
-
-    @property
-    def last_acked_own(self) -> int:
-        """The highest own ``device_seq`` acked on this connection (at first the server's watermark)."""
-        return self._last_acked_own
-
-    @property
-    def last_received_seq(self) -> int:
-        """The highest event ``seq`` received, over all connections (v2 ``resume_from``)."""
-        return self.last_seq
-
-    @property
-    def errors(self) -> List[Dict[str, Any]]:
-        """v2: every typed ``error`` the server sent (v1: always empty)."""
-        return self.reports.errors
-
-    @property
-    def resync(self) -> Optional[Dict[str, Any]]:
-        """v2: the last ``resync_required`` payload, if any."""
-        return self.reports.resync
-
-    @property
-    def expiring(self) -> Optional[Dict[str, Any]]:
-        """v2: the last ``session_expiring_soon`` payload, if any."""
-        return self.reports.expiring
-
-    @property
-    def pin_status(self) -> Optional[str]:
-        """v2: how the last handshake trusted the server key ("new", "pinned", "given")."""
-        return self.reports.pin_status
-
-    @property
-    def unsolicited_pages(self) -> List[Dict[str, Any]]:
-        """v1: replay pages that answered no request (the pushed first page)."""
-        return self.reports.unsolicited_pages
 
     # ------------------------------------------------------------ handshake
 
@@ -244,97 +201,48 @@ class Client:
         self.session = None
         self.close_info = None
         self._reset_connection_state()
-        self._events.reopen()
+        self.inbox.opened()
         factory = self.options.handshake_factory
         handshake = factory(self) if factory is not None else self._protocol.handshake(resume_from)
-        try:
-            est = await self._handshake(raw, handshake)
-        except HandshakeError:
-            raw.close(1000, "handshake failed")
-            raise
-        except ConnectionClosed:
-            raise
-        except BaseException:
-            raw.abort()  # timeout, cancellation or a bug: do not leave the socket half-open
-            raise
+        est = await run_handshake(raw, handshake, self.options.handshake_timeout)
         self.session = est
-        self._reset_connection_state(est["last_ack_device_seq"])
-        self._next_device_seq = max(self._next_device_seq, est["last_ack_device_seq"] + 1)
+        self.outbox.established(est["last_ack_device_seq"])
+        self._protocol.reset(est["last_ack_device_seq"])
         self._protocol.established(handshake)
         raw.set_receiver(self._dispatch, self._protocol.malformed)
         raw.closed.addCallback(self._connection_closed)
         return est
 
-    async def _handshake(self, raw: RawConnection, handshake: Any) -> Dict[str, Any]:
-        """Drive ``handshake`` to ``session_established`` over ``raw``."""
-        raw.send_json(handshake.client_hello())
-        while True:
-            message = await raw.next_message(timeout=self.options.handshake_timeout)
-            msg_type = message.get("type") if isinstance(message, dict) else None
-            if msg_type == "server_hello":
-                auth = handshake.on_server_hello(envelope_payload(message, "server_hello"))
-                codec = handshake.codec() if hasattr(handshake, "codec") else None
-                if codec is not None:
-                    raw.set_codec(codec)  # v2: client_auth is the first encrypted frame
-                raw.send_json(auth)
-            elif msg_type == "session_established":
-                return handshake.on_session_established(envelope_payload(message, "session_established"))
-            else:
-                log.info("Ignoring {type!r} during the handshake", type=msg_type)
-
     # ------------------------------------------------------------ receiving
 
     def _dispatch(self, message: Any) -> None:
         """Handle one server message after authentication: acks here, the rest by the strategy."""
-        if self.keep_history:
-            self.messages.append(message)
+        self.inbox.record_message(message)
         msg_type = message.get("type") if isinstance(message, dict) else None
         payload = message.get("payload") if isinstance(message, dict) else None
         if not isinstance(payload, dict):
             payload = {}
         if msg_type == "ack":
-            self._match_ack(payload)
+            self.outbox.match_ack(payload)
         else:
             self._protocol.receive(msg_type, payload)
-        watchers, self._watchers = self._watchers, []
-        for wanted, d in watchers:
-            if wanted == msg_type:
-                d.callback(message)
-            else:
-                self._watchers.append((wanted, d))
-
-    def _match_ack(self, payload: Dict[str, Any]) -> None:
-        """An ack of one of our events (both versions): fire its send, advance ``last_acked_own``."""
-        if not self._acks.match(payload):
-            log.warn("Unmatched ack for device_seq {device_seq!r}", device_seq=payload.get("device_seq"))
-        elif is_wire_int(payload.get("device_seq")) and not payload.get("dropped"):
-            self._last_acked_own = max(self._last_acked_own, payload["device_seq"])
+        self.inbox.notify(msg_type, message)
 
     def record_event(self, event: Dict[str, Any]) -> None:
         """Keep a received event in the history and give it to ``on_event`` (for the strategies)."""
-        if self.keep_history:
-            self.events_received.append(event)
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:
-                log.failure("on_event callback failed")
+        self.inbox.record_event(event)
 
     def queue_event(self, event: Dict[str, Any]) -> None:
         """Queue a received event for ``next_event`` when history is kept (for the strategies)."""
-        if self.keep_history:
-            self._events.put(event)
+        self.inbox.queue_event(event)
 
     def _connection_closed(self, info: CloseInfo) -> CloseInfo:
         """Fail everything waiting on this connection."""
         self.close_info = info
         exc = ConnectionClosed(*info)
         self._protocol.closed(exc)
-        self._acks.fail_all(exc)
-        self._events.fail(exc)
-        watchers, self._watchers = self._watchers, []
-        for _, d in watchers:
-            d.errback(exc)
+        self.outbox.fail_all(exc)
+        self.inbox.closed(exc)
         return info
 
     def next_event(self, timeout: Optional[float] = 5.0) -> "Deferred[Dict[str, Any]]":
@@ -342,7 +250,7 @@ class Client:
         The next received event payload (live or replayed, in receive order).
         Fails with ``defer.TimeoutError`` or, once closed and drained, ``ConnectionClosed``.
         """
-        return self._events.get(timeout)
+        return self.inbox.next_event(timeout)
 
     def wait_for(self, msg_type: str, timeout: Optional[float] = 5.0, since: Optional[int] = 0) -> "Deferred[Any]":
         """
@@ -350,28 +258,14 @@ class Client:
         one to arrive. Take ``since=len(c.messages)`` before an action to see
         only what it caused; ``since=None`` only waits for new messages.
         """
-        if since is not None:
-            for message in self.messages[since:]:
-                if isinstance(message, dict) and message.get("type") == msg_type:
-                    return succeed(message)
-        if self.close_info is not None:
-            return fail(ConnectionClosed(*self.close_info))
-        d: "Deferred[Any]" = Deferred(canceller=lambda d: self._forget_watcher(d))
-        self._watchers.append((msg_type, d))
-        if timeout is not None:
-            d.addTimeout(timeout, self.reactor)
-        return d
-
-    def _forget_watcher(self, d: "Deferred[Any]") -> None:
-        """Drop a cancelled ``wait_for``."""
-        self._watchers = [(t, w) for t, w in self._watchers if w is not d]
+        return self.inbox.wait_for(msg_type, timeout, since)
 
     # ------------------------------------------------------------ sending
 
     @property
     def next_device_seq(self) -> int:
         """The ``device_seq`` the next ``send_event`` will use."""
-        return self._next_device_seq
+        return self.outbox.next_device_seq
 
     def established_connection(self) -> RawConnection:
         """The open RawConnection once ``session_established`` came, or ConnectionClosed."""
@@ -408,44 +302,7 @@ class Client:
         (s) fails it with ``defer.TimeoutError``; a close fails it with
         ``ConnectionClosed``.
         """
-        try:
-            raw = self.established_connection()
-        except ConnectionClosed as e:
-            return fail(e)
-        if event_id is None:
-            event_id = uuid7(self.reactor)
-        if device_seq is None:
-            device_seq = self._next_device_seq
-        if is_wire_int(device_seq):
-            self._next_device_seq = max(self._next_device_seq, device_seq + 1)
-        payload: Dict[str, Any] = {
-            "event_id": event_id,
-            "user_id": user_id if user_id is not None else self.identity.user_id,
-            "device_id": self.device_id,
-            "device_seq": device_seq,
-            "stream_id": stream_id,
-            "stream_seq": 0,
-            "type": type,
-            "encrypted_payload": encrypted_payload,
-        }
-        if ttl is not None:
-            payload["ttl"] = ttl
-        for key, value in (extra or {}).items():
-            if value is OMIT:
-                payload.pop(key, None)
-            else:
-                payload[key] = value
-        if self.keys is not None and is_wire_int(device_seq):
-            self.keys.next_device_seq = max(self.keys.next_device_seq, device_seq + 1)
-        try:
-            raw.send_json({"type": "event", "payload": payload})
-        except ConnectionClosed as e:  # closing under us: fail this send, register nothing
-            return fail(e)
-        # Registered after the write: an ack cannot arrive before the reactor runs again.
-        d = self._acks.expect(payload.get("event_id"), payload.get("device_seq"))
-        if timeout is not None:
-            d.addTimeout(timeout, self.reactor)
-        return d
+        return self.outbox.send(stream_id, type, encrypted_payload, ttl, event_id, device_seq, user_id, extra, timeout)
 
     #: ``await c.send_event(...)`` reads better; it is the same method.
     send_event = send_event_nowait

@@ -11,16 +11,17 @@ channel keys and hands out the frame codec that must be installed before
 socket, so the §13 vectors can be fed to them directly (the ephemeral key and
 nonces are injectable).
 
-Both share ``_Handshake``: the client's ephemeral key and nonce, the checks of
-``server_hello`` up to the signature, the identity fields of ``client_auth``
-and the check of ``session_established``; what differs (digests, pinning, the
-channel keys) is in the two subclasses. ``Client`` only relies on
+Both share ``_Handshake``: its keyword arguments (``HelloOptions``: device
+name and type, ``server_key``, the injectable ephemeral key and nonce), the
+checks of ``server_hello`` up to the signature, the identity fields of
+``client_auth`` and the check of ``session_established``; what differs
+(digests, pinning, the channel keys) is in the two subclasses. ``Client`` only relies on
 ``client_hello``, ``on_server_hello``, ``codec`` and ``on_session_established``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, MutableMapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, MutableMapping, Optional, Tuple, TypedDict
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -29,6 +30,9 @@ from pocketbridge.protocol.wire import HEX64_RE, HEX128_RE, HEX130_RE, is_hex
 from pocketbridge.client._util import is_wire_int
 from pocketbridge.client.connection import V2Codec
 from pocketbridge.client.keys import Identity
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: The hex fields of a ``server_hello`` and their formats (both versions).
 _SERVER_HELLO_FIELDS = (
@@ -100,11 +104,26 @@ def check_session_established(state: str, device_id: str, payload: Mapping[str, 
     return dict(payload)
 
 
+class HelloOptions(TypedDict, total=False):
+    """
+    The keyword arguments both handshake classes take, with the defaults of
+    ``_Handshake``: declared once, so that a subclass adds only its own
+    keywords and passes these through (``**options``) still type-checked.
+    """
+
+    device_name: Optional[str]
+    device_type: Optional[str]
+    server_key: Optional[str]
+    ephemeral: Optional[ec.EllipticCurvePrivateKey]
+    nonce_c: Optional[str]
+
+
 class _Handshake:
     """
     The steps both handshake versions share, for one connection. A
     subclass sets ``protocol_version`` and computes what is signed.
-    ``server_key`` (hex64), when given, is the only server identity accepted.
+    ``server_key`` (hex64), when given, is the only server identity accepted;
+    ``ephemeral`` and ``nonce_c`` are fresh unless given (the §13 vectors).
     """
 
     protocol_version = 0
@@ -113,11 +132,12 @@ class _Handshake:
         self,
         identity: Identity,
         device_id: str,
-        device_name: Optional[str],
-        device_type: Optional[str],
-        server_key: Optional[str],
-        ephemeral: Optional[ec.EllipticCurvePrivateKey],
-        nonce_c: Optional[str],
+        *,
+        device_name: Optional[str] = None,
+        device_type: Optional[str] = "cli",
+        server_key: Optional[str] = None,
+        ephemeral: Optional[ec.EllipticCurvePrivateKey] = None,
+        nonce_c: Optional[str] = None,
     ) -> None:
         self.identity = identity
         self.device_id = device_id
@@ -212,16 +232,12 @@ class V1Handshake(_Handshake):
         identity: Identity,
         device_id: str,
         *,
-        device_name: Optional[str] = None,
-        device_type: Optional[str] = "cli",
         flat: bool = False,
-        server_key: Optional[str] = None,
-        ephemeral: Optional[ec.EllipticCurvePrivateKey] = None,
-        nonce_c: Optional[str] = None,
         nonce_c2: Optional[str] = None,
         announce_version: bool = False,
+        **options: Unpack[HelloOptions],
     ) -> None:
-        super().__init__(identity, device_id, device_name, device_type, server_key, ephemeral, nonce_c)
+        super().__init__(identity, device_id, **options)
         self.flat = flat
         self.announce_version = announce_version
         self.nonce_c2 = nonce_c2 if nonce_c2 is not None else crypto.random_nonce_hex()
@@ -286,18 +302,14 @@ class V2Handshake(_Handshake):
         identity: Identity,
         device_id: str,
         *,
-        device_name: Optional[str] = None,
-        device_type: Optional[str] = "cli",
-        server_key: Optional[str] = None,
         pins: Optional[MutableMapping[str, str]] = None,
         server_address: str = "",
         resume_from: Optional[int] = None,
-        ephemeral: Optional[ec.EllipticCurvePrivateKey] = None,
-        nonce_c: Optional[str] = None,
+        **options: Unpack[HelloOptions],
     ) -> None:
         if resume_from is not None and (not is_wire_int(resume_from) or resume_from < 0):
             raise ValueError("resume_from must be an integer >= 0")
-        super().__init__(identity, device_id, device_name, device_type, server_key, ephemeral, nonce_c)
+        super().__init__(identity, device_id, **options)
         self.pins = pins
         self.server_address = server_address
         self.resume_from = resume_from

@@ -6,7 +6,8 @@ the markers callers pass to ``connect`` and ``send_event``.
 (``protocol_v1``, ``protocol_v2``) can be handed one object at construction
 and read it without the Client re-declaring each setting for them. What a
 caller may change on a live client (``auto_ack``, ``keep_history``,
-``on_event``) stays on the ``Client``.
+``on_event``) stays settable on the ``Client`` (the last two are kept by its
+``Inbox``).
 """
 
 from __future__ import annotations

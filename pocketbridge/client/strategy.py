@@ -1,9 +1,10 @@
 """
 The seam between ``Client`` and its protocol version.
 
-A ``Client`` runs what both versions share: the socket, the handshake loop,
-sending events and matching their acks, the received-message history, the
-``next_event`` queue and ``wait_for``. Everything that differs between v1
+A ``Client`` runs what both versions share: the socket, the handshake loop
+(``establish``), sending events and matching their acks (``outbox``), the
+received-message history, the ``next_event`` queue and ``wait_for``
+(``inbox``). Everything that differs between v1
 and v2 is one ``ProtocolStrategy`` object, chosen once at construction
 (``client.PROTOCOLS``) and kept for the client's life: which handshake, how
 received events are acked, how catch-up works, what a malformed frame means.
