@@ -35,6 +35,26 @@ DEV_2 = "11111111-2222-4333-8444-555555555555"
 BIG_QUOTA = 2**31
 
 
+class CountingCursor:
+    """A driver cursor that records each statement it runs (one per row for executemany)."""
+
+    def __init__(self, cursor: Any, statements: List[str]) -> None:
+        self._cursor = cursor
+        self.statements = statements
+
+    def execute(self, sql: Any, *args: Any) -> Any:
+        self.statements.append(sql.decode() if isinstance(sql, bytes) else sql)
+        return self._cursor.execute(sql, *args)
+
+    def executemany(self, sql: Any, rows: Any) -> Any:
+        rows = list(rows)
+        self.statements.extend([sql] * len(rows))
+        return self._cursor.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
 def ev(
     n: int,
     user: str = USER_A,
@@ -326,6 +346,40 @@ class StorageContract:
         await self.commit([ev(1)])
         out = await self.commit([ev(2), ev(1, event_id="cccccccc-0000-7000-8000-000000000001"), ev(3)])
         self.assertEqual([(o.kind, o.seq) for o in out], [("stored", 2), ("conflict", None), ("stored", 3)])
+
+    async def test_statements_per_batch(self) -> None:
+        """
+        A batch of several users, devices and streams costs a fixed number of
+        statements: lock the counters, one lookup, then (PostgreSQL) one write
+        of events, counters, streams and devices; SQLite's writes run per row.
+        The batch still commits everything and a second one sees the first.
+        """
+        await self.register(USER_A, DEV_1)
+        await self.register(USER_A, DEV_2)
+        await self.register(USER_B, DEV_1)
+        await self.commit([ev(1, user=USER_B)])
+        batch = [ev(1), ev(2, device=DEV_2, stream="other"), ev(3), ev(2, user=USER_B), ev(3, user=USER_B)]
+        counted: List[str] = []
+
+        def txn_commit(txn: Any) -> List[Outcome]:
+            txn.cursor = CountingCursor(txn.cursor, counted)
+            return self.storage._txn_commit(txn, batch, NOW, BIG_QUOTA)
+
+        out = await self.storage.run("counted commit", txn_commit)
+        self.assertEqual([(o.kind, o.seq, o.stream_seq) for o in out],
+                         [("stored", 1, 1), ("stored", 2, 1), ("stored", 3, 2), ("stored", 2, 2), ("stored", 3, 3)])
+        if self.storage.dialect == "postgresql":
+            self.assertEqual([c.split()[0] for c in counted], ["SELECT", "WITH", "WITH"])
+        else:
+            # lock, lookup, then one statement per event, user, stream and device.
+            self.assertEqual(len(counted), 2 + 5 + 2 + 3 + 3)
+        self.assertEqual(await self.storage.head(USER_A), 3)
+        self.assertEqual(await self.storage.head(USER_B), 3)
+        device = await self.storage.get_device(USER_A, DEV_2)
+        assert device is not None
+        self.assertEqual(device.last_device_seq, 2)
+        out = await self.commit([ev(2, device=DEV_2, stream="other"), ev(4, stream="other")])
+        self.assertEqual([(o.kind, o.seq, o.stream_seq) for o in out], [("duplicate", 2, 1), ("stored", 4, 2)])
 
     # ---------------------------------------------------------- commit: quota
 

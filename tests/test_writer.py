@@ -252,3 +252,140 @@ class WriterTests(SynchronousTestCase):
         self.storage.fail()
         self.failureResultOf(d)
         self.successResultOf(flushed)
+
+
+USERS = ["{:064x}".format(u) for u in (0xA, 0xB, 0xC)]
+
+
+def user_event(user: int, n: int) -> NewEvent:
+    """Event ``n`` of user ``USERS[user]`` (event_id unique across users; device_seq n)."""
+    e = new_event(n)
+    return NewEvent(USERS[user], e.device_id, "{:08x}-0000-7000-8000-{:012d}".format(user, n), n,
+                    e.stream_id, e.type, e.encrypted_payload, e.ttl)
+
+
+class PipelineTests(SynchronousTestCase):
+    """Several batches in flight (``pipeline``), never two holding the same user."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.storage = FakeStorage()
+        self.published: List[Outcome] = []
+        self.writer = EventWriter(self.storage, self.clock, self.published.append,  # type: ignore[arg-type]
+                                  max_user_bytes=1000, pipeline=2)
+
+    def submit(self, user: int, *ns: int) -> List["Deferred[Outcome]"]:
+        ds = [self.writer.submit(user_event(user, n)) for n in ns]
+        self.clock.advance(0)
+        return ds
+
+    def users(self) -> List[List[str]]:
+        """The users of each commit call, per event, as indexes into USERS."""
+        return [[str(USERS.index(e.user_id)) + ":" + str(e.device_seq) for e in call[0]] for call in self.storage.calls]
+
+    def test_disjoint_users_commit_side_by_side_and_ack_each_after_its_commit(self) -> None:
+        """Two batches of different users are in flight at once; each acks and publishes after its own COMMIT, in any order."""
+        a = self.submit(0, 1, 2)
+        b = self.submit(1, 1)
+        self.assertEqual(self.users(), [["0:1", "0:2"], ["1:1"]])
+        self.assertEqual(self.writer.in_flight, 2)
+        self.storage.succeed(1)
+        self.assertEqual([o.seq for o in (self.successResultOf(d) for d in b)], [1])
+        for d in a:
+            self.assertNoResult(d)
+        self.assertEqual([o.stored.user_id for o in self.published if o.stored], [USERS[1]])
+        self.storage.succeed(0)
+        self.assertEqual([self.successResultOf(d).seq for d in a], [1, 2])
+        self.assertEqual([o.stored.user_id for o in self.published if o.stored], [USERS[1], USERS[0], USERS[0]])
+
+    def test_a_user_in_flight_waits_and_keeps_its_order(self) -> None:
+        """A user's later events wait for its batch in flight (other users' do not), then commit in arrival order."""
+        self.submit(0, 1)
+        self.writer.submit(user_event(0, 2))
+        self.writer.submit(user_event(1, 1))
+        self.writer.submit(user_event(0, 3))
+        self.clock.advance(0)
+        self.assertEqual(self.users(), [["0:1"], ["1:1"]])
+        self.assertEqual(self.writer.queued, 2)
+        self.storage.succeed(0)
+        self.assertEqual(self.users(), [["0:1"], ["1:1"], ["0:2", "0:3"]])
+
+    def test_depth_is_capped(self) -> None:
+        """With pipeline 2 a third user's batch waits until one of the two commits."""
+        self.submit(0, 1)
+        self.submit(1, 1)
+        third = self.submit(2, 1)
+        self.assertEqual(len(self.storage.calls), 2)
+        self.storage.succeed(1)
+        self.assertEqual(self.users()[2], ["2:1"])
+        self.assertNoResult(third[0])
+
+    def test_failed_batch_does_not_ack_or_reorder_the_other(self) -> None:
+        """One batch fails while another is in flight: the other acks normally; the failed one is probed and isolated after it, in order, never before its own commit."""
+        a = self.submit(0, 1)
+        b = self.submit(1, 1, 2)
+        later = self.writer.submit(user_event(1, 3))
+        self.storage.fail(1)
+        for d in b + [later]:
+            self.assertNoResult(d)
+        self.clock.advance(0)
+        self.assertEqual(len(self.storage.calls), 2)  # the probe waits for the batch in flight
+        self.storage.succeed(0)
+        self.assertEqual(self.successResultOf(a[0]).seq, 1)
+        self.assertEqual(self.users()[2:], [["1:1"]])  # the probe: the failed batch's first event alone
+        self.storage.succeed(2)
+        self.storage.succeed(3)
+        self.assertEqual(self.users()[2:], [["1:1"], ["1:2"], ["1:3"]])
+        self.storage.succeed(4)
+        self.assertEqual([self.successResultOf(d).seq for d in b + [later]], [1, 2, 3])
+        self.assertTrue(self.writer.storage_ok)
+
+    def test_batch_in_flight_when_another_fails_is_retried_with_it(self) -> None:
+        """Both batches in flight fail: the second is not failed on its own but retried with the first, each event alone after the probe."""
+        a = self.submit(0, 1, 2)
+        b = self.submit(1, 1)
+        self.storage.fail(0)
+        self.storage.fail(1)
+        for d in a + b:
+            self.assertNoResult(d)
+        self.assertEqual(self.users()[2:], [["1:1"]])  # the probe
+        self.storage.succeed(2)
+        self.storage.succeed(3)
+        self.storage.succeed(4)
+        self.assertEqual(self.users()[2:], [["1:1"], ["0:1"], ["0:2"]])
+        self.assertEqual([self.successResultOf(d).seq for d in a + b], [1, 2, 1])
+        self.assertEqual(self.writer.in_flight, 0)
+
+    def test_outage_fails_both_without_acking(self) -> None:
+        """Storage down with two batches in flight: every event fails (none acked), the pipeline is one deep until storage is back."""
+        a = self.submit(0, 1, 2)
+        b = self.submit(1, 1)
+        self.storage.fail(0)
+        self.storage.fail(1)
+        self.storage.fail(2)  # the probe fails: an outage
+        self.failureResultOf(b[0], StorageUnavailable)
+        self.clock.advance(1)
+        self.storage.fail(3)
+        for d in a:
+            self.failureResultOf(d, StorageUnavailable)
+        self.assertEqual(self.published, [])
+        self.submit(0, 3)
+        self.clock.advance(1)
+        self.submit(1, 2)
+        self.assertEqual(self.users()[4:], [["0:3"]])  # one at a time while failing
+        self.storage.succeed(4)
+        self.assertTrue(self.writer.storage_ok)
+        self.assertEqual(self.users()[4:], [["0:3"], ["1:2"]])
+
+    def test_flush_waits_for_every_batch_in_flight(self) -> None:
+        """flush() fires only after all batches in flight (and everything queued) committed."""
+        self.submit(0, 1)
+        self.submit(1, 1)
+        self.writer.submit(user_event(0, 2))
+        flushed = self.writer.flush()
+        self.storage.succeed(1)
+        self.assertNoResult(flushed)
+        self.storage.succeed(0)
+        self.assertNoResult(flushed)
+        self.storage.succeed(2)
+        self.successResultOf(flushed)

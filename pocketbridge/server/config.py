@@ -195,6 +195,7 @@ SETTINGS: List[Setting] = [
     # writer
     Setting("writer_max_batch", positive_int, 1000, "PB_WRITER_MAX_BATCH", "Most events committed in one transaction"),
     Setting("writer_delay_ms", non_negative_int, 0, "PB_WRITER_DELAY_MS", "Extra milliseconds to gather a batch when idle"),
+    Setting("writer_pipeline", positive_int, 2, "PB_WRITER_PIPELINE", "Writer transactions in flight at once, each for other users (at most --db-pool-size minus 1, so REST and handshakes keep a connection; 1 on SQLite)"),
     Setting("writer_retry_max", positive_float, 5.0, "PB_WRITER_RETRY_MAX", "Longest wait in seconds between commit attempts while storage is failing"),
     Setting("storage_log_interval", positive_float, 60.0, "PB_STORAGE_LOG_INTERVAL", "Seconds between 'storage still unavailable' log lines during an outage"),
     Setting("bus_held_users", positive_int, 10000, "PB_BUS_HELD_USERS", "Users with news remembered during a Redis outage (past it: every node re-reads all its users)"),

@@ -259,6 +259,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         storage, reactor, publish, settings.max_user_bytes,
         max_batch=settings.writer_max_batch, delay=settings.writer_delay_ms / 1000.0,
         retry_max=settings.writer_retry_max, log_interval=settings.storage_log_interval,
+        pipeline=min(settings.writer_pipeline, settings.db_pool_size - 1) if settings.database else 1,
     )
     presence, limits = _shared_state(reactor, redis, settings, node_id)
     node = Node(settings, storage, writer, hub, reactor, server_key, node_id, presence=presence, limits=limits)

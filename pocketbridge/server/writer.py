@@ -2,8 +2,12 @@
 The event writer: group commit of events from every session (ARCHITECTURE.md §2–3).
 
 Sessions call ``submit``; the writer gathers what arrives while a commit is in
-flight (or within ``delay`` when idle) and commits it as one transaction. Each
-submit's Deferred fires with its ``Outcome`` only after the commit; then the
+flight (or within ``delay`` when idle) and commits it as one transaction. Up to
+``pipeline`` transactions may be in flight at once, but never two holding the
+same user: an event whose user has a batch in flight waits for that batch, so
+a user's seqs follow arrival order and its counter row has one writer per
+node. Batches of different users may commit in any order. Each
+submit's Deferred fires with its ``Outcome`` only after its batch's commit; then the
 writer publishes one notification per stored event on the bus — and per
 duplicate too: a duplicate is an event that was committed but whose ack may
 never have gone out (the node died, or its connection dropped mid-COMMIT), so
@@ -16,7 +20,9 @@ retried one event per transaction so one bad event cannot fail its
 neighbours. If the probe fails too, storage is down: the writer stops
 splitting, fails what it tried, and waits (exponential backoff up to
 ``retry_max`` seconds) before each further attempt, so an outage costs at
-most one commit per interval. While idle and failing it commits a tiny probe
+most one commit per interval. While a failure is being handled (failures, a
+probe, isolation) the pipeline is one deep, and a batch that was already in
+flight when another failed is retried with it rather than counted on its own. While idle and failing it commits a tiny probe
 write instead, so ``storage_ok`` recovers by itself. One outage logs a
 bounded number of lines: when it starts, a reminder every ``log_interval``
 seconds, and when storage is back.
@@ -27,7 +33,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -70,8 +76,24 @@ def probe_write(storage: Storage, need_bytes: int = PROBE_FREE_MIN) -> "Deferred
     return storage.run("probe_write", txn)
 
 
+Item = Tuple[NewEvent, "Deferred[Outcome]"]
+
+
+class _Batch:
+    """One transaction in flight: its events, their users, and the failure epoch it started in."""
+
+    __slots__ = ("items", "users", "epoch", "probe", "started")
+
+    def __init__(self, items: List[Item], epoch: int, probe: bool) -> None:
+        self.items = items
+        self.users: Set[str] = {ev.user_id for ev, _ in items}
+        self.epoch = epoch  # a failure since then makes its own outcome stale for the failure state
+        self.probe = probe  # the first event of a failed batch, alone: decides outage or bad event
+        self.started = time.perf_counter()
+
+
 class EventWriter:
-    """Batches events into transactions; one batch in flight at a time."""
+    """Batches events into transactions; up to ``pipeline`` batches of disjoint users in flight."""
 
     def __init__(
         self,
@@ -86,6 +108,7 @@ class EventWriter:
         retry_max: float = 5.0,
         log_interval: float = 60.0,
         probe: Optional[Callable[[], "Deferred[Any]"]] = None,
+        pipeline: int = 1,
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -96,15 +119,19 @@ class EventWriter:
         self.delay = delay
         self.retry_max = retry_max
         self.log_interval = log_interval
+        self.pipeline = max(1, pipeline)
         self._failed_bytes = 0  # payload bytes of the last failed batch (the probe's size hint)
         self._probe = probe if probe is not None else (
             lambda: probe_write(storage, max(PROBE_FREE_MIN, 2 * self._failed_bytes)))
         self._now_ms = now_ms or (lambda: int(clock.seconds() * 1000))
-        self._pending: Deque[Tuple[NewEvent, "Deferred[Outcome]"]] = deque()
+        self._pending: Deque[Item] = deque()
         self._solo = 0  # events to commit one per transaction after a failed batch
         self._probing = False  # the next solo commit decides: event-specific failure or outage
         self._isolate = 0  # events of the failed batch to isolate once the probe committed
-        self._in_flight = False
+        self._batches: List[_Batch] = []  # in flight, oldest first
+        self._busy: Set[str] = set()  # users with a batch in flight
+        self._epoch = 0  # counts failed commits; a batch remembers the count it started at
+        self._probe_busy = False  # the idle probe write is in flight
         self._scheduled: Any = None
         self._idle_waiters: List["Deferred[None]"] = []
         # Failure state: commits failed in a row, since when, and the log throttle.
@@ -124,7 +151,7 @@ class EventWriter:
         """Queue ``event``; fires with its Outcome after commit, or fails with StorageUnavailable."""
         d: "Deferred[Outcome]" = Deferred()
         self._pending.append((event, d))
-        if not self._in_flight and self._scheduled is None:
+        if self._scheduled is None and self._room() and event.user_id not in self._busy:
             # Wait for the end of this reactor turn so a burst read in one
             # dataReceived call shares one transaction (or for the backoff).
             self._scheduled = self.clock.callLater(self._wait(), self._flush)
@@ -132,44 +159,83 @@ class EventWriter:
 
     @property
     def queued(self) -> int:
-        """Events waiting for a commit (not counting the batch in flight)."""
+        """Events waiting for a commit (not counting the batches in flight)."""
         return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches committing now."""
+        return len(self._batches)
+
+    def _room(self) -> bool:
+        """May another batch start? One at a time while a failure is being handled."""
+        if self._probe_busy:
+            return False
+        depth = 1 if (self.failures or self._solo or self._probing) else self.pipeline
+        return len(self._batches) < depth
 
     def _wait(self) -> float:
         return max(self.delay, self._backoff)
 
-    def _take_batch(self) -> List[Tuple[NewEvent, "Deferred[Outcome]"]]:
-        batch: List[Tuple[NewEvent, "Deferred[Outcome]"]] = []
-        size = 0
+    def _take_batch(self) -> List[Item]:
+        """
+        The oldest pending events whose users have nothing in flight, up to the
+        batch limits. A user's events are taken in arrival order or not at all:
+        the scan stops at the first event that does not fit, and every event of
+        a busy user stays behind (and a user joins the busy set with its batch).
+        """
         if self._solo:
             self._solo -= 1
             return [self._pending.popleft()]
-        while self._pending and len(batch) < self.max_batch:
-            ev = self._pending[0][0]
-            if batch and size + ev.payload_size > self.max_batch_bytes:
+        batch: List[Item] = []
+        size = 0
+        busy = self._busy
+        rest: Deque[Item] = deque()
+        pending = self._pending
+        while pending:
+            ev = pending[0][0]
+            if ev.user_id in busy:
+                rest.append(pending.popleft())
+                continue
+            if len(batch) >= self.max_batch or (batch and size + ev.payload_size > self.max_batch_bytes):
                 break
-            batch.append(self._pending.popleft())
+            batch.append(pending.popleft())
             size += ev.payload_size
+        if rest:
+            rest.extend(pending)
+            self._pending = rest
         return batch
 
     def _flush(self) -> None:
         self._scheduled = None
-        if self._in_flight:
-            return
         if not self._pending:
-            self._notify_idle()
-            if self.failures and self._probe_call is None:
-                self._probe_call = self.clock.callLater(max(self._backoff, RETRY_INITIAL), self._probe_now)
+            if not self._batches and not self._probe_busy:
+                self._notify_idle()
+                if self.failures and self._probe_call is None:
+                    self._probe_call = self.clock.callLater(max(self._backoff, RETRY_INITIAL), self._probe_now)
             return
-        if self._probe_call is not None and self._probe_call.active():
-            self._probe_call.cancel()
-        self._probe_call = None
-        batch = self._take_batch()
-        self._in_flight = True
-        started = time.perf_counter()
-        d = self.storage.commit_batch([ev for ev, _ in batch], self._now_ms(), self.max_user_bytes)
-        d.addCallbacks(self._committed, self._failed, callbackArgs=(batch, started), errbackArgs=(batch,))
-        d.addErrback(self._bug)
+        while self._pending and self._room():
+            probe = self._probing and self._solo > 0
+            batch = self._take_batch()
+            if not batch:
+                return  # every pending event's user is in flight: its commit calls _next
+            if self._probe_call is not None and self._probe_call.active():
+                self._probe_call.cancel()
+            self._probe_call = None
+            self._start(_Batch(batch, self._epoch, probe))
+
+    def _start(self, b: _Batch) -> None:
+        self._batches.append(b)
+        self._busy |= b.users
+        d = self.storage.commit_batch([ev for ev, _ in b.items], self._now_ms(), self.max_user_bytes)
+        d.addCallbacks(self._committed, self._failed, callbackArgs=(b,), errbackArgs=(b,))
+        d.addErrback(self._bug, b)
+
+    def _finish(self, b: _Batch) -> None:
+        """``b`` is no longer in flight: its users may start their next batch."""
+        if b in self._batches:
+            self._batches.remove(b)
+            self._busy -= b.users
 
     def _next(self) -> None:
         """Start the next commit: at the next turn, or after the backoff while storage is failing."""
@@ -181,17 +247,19 @@ class EventWriter:
         else:
             self._flush()
 
-    def _committed(self, outcomes: List[Outcome], batch: List[Tuple[NewEvent, "Deferred[Outcome]"]], started: float) -> None:
-        metrics.COMMIT_BATCH_SIZE.observe(len(batch))
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self._in_flight = False
-        if self._probing:
-            # The first event of a failed batch committed alone: storage works,
-            # so isolate the rest of that batch one event per transaction.
-            self._probing = False
-            self._solo = self._isolate
-        self._recovered()
-        for (_, d), outcome in zip(batch, outcomes):
+    def _committed(self, outcomes: List[Outcome], b: _Batch) -> None:
+        metrics.COMMIT_BATCH_SIZE.observe(len(b.items))
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - b.started)
+        self._finish(b)
+        if b.epoch == self._epoch:
+            # Started after the last failure, so it speaks for storage now.
+            if b.probe:
+                # The first event of a failed batch committed alone: storage works,
+                # so isolate the rest of that batch one event per transaction.
+                self._probing = False
+                self._solo = self._isolate
+            self._recovered()
+        for (_, d), outcome in zip(b.items, outcomes):
             metrics.EVENTS_WRITTEN.labels(outcome=outcome.kind).inc()
             d.callback(outcome)
         for outcome in outcomes:
@@ -199,8 +267,18 @@ class EventWriter:
                 self.publish(outcome)
         self._next()
 
-    def _failed(self, failure: Failure, batch: List[Tuple[NewEvent, "Deferred[Outcome]"]]) -> None:
-        self._in_flight = False
+    def _failed(self, failure: Failure, b: _Batch) -> None:
+        self._finish(b)
+        batch = b.items
+        if b.epoch != self._epoch:
+            # In flight when another batch failed: that failure's handling
+            # (probe, isolation or outage) decides, and these events go with it,
+            # ahead of their users' later events. Nothing acked, nothing reordered.
+            self._pending.extendleft(reversed(batch))
+            if self._probing:
+                self._isolate += len(batch)
+            self._next()
+            return
         self._failed_bytes = sum(ev.payload_size for ev, _ in batch)
         self._note_failure(failure, len(batch))
         if len(batch) > 1 and self.failures == 1:
@@ -222,6 +300,7 @@ class EventWriter:
     def _note_failure(self, failure: Failure, n: int) -> None:
         self.failures += 1
         self._failed_commits += 1
+        self._epoch += 1
         now = self.clock.seconds()
         if self.failures == 1:
             self.failing_since = now
@@ -252,27 +331,30 @@ class EventWriter:
     def _probe_now(self) -> None:
         """Idle while commits fail: try a tiny write, so health recovers without traffic."""
         self._probe_call = None
-        if self._in_flight or self._pending or not self.failures:
+        if self._batches or self._probe_busy or self._pending or not self.failures:
             return
-        self._in_flight = True
+        self._probe_busy = True
         d = maybeDeferred(self._probe)  # storage closed at shutdown: a failure, not an unhandled error
 
         def ok(_: Any) -> None:
-            self._in_flight = False
+            self._probe_busy = False
             self._recovered()
             self._next()
 
         def failed(f: Failure) -> None:
-            self._in_flight = False
+            self._probe_busy = False
             self._note_failure(f, 0)
             self._next()
 
         d.addCallbacks(ok, failed)
         d.addErrback(self._bug)
 
-    def _bug(self, failure: Failure) -> None:
+    def _bug(self, failure: Failure, b: Optional[_Batch] = None) -> None:
         log.failure("event writer bug", failure)
-        self._in_flight = False
+        if b is None:
+            self._probe_busy = False
+        else:
+            self._finish(b)
         self._flush()
 
     def _notify_idle(self) -> None:
@@ -283,7 +365,7 @@ class EventWriter:
     def flush(self) -> "Deferred[None]":
         """Fires once everything submitted so far is committed (for shutdown)."""
         d: "Deferred[None]" = Deferred()
-        if not self._in_flight and not self._pending:
+        if not self._batches and not self._probe_busy and not self._pending:
             d.callback(None)
             return d
         self._idle_waiters.append(d)

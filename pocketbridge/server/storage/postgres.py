@@ -145,23 +145,44 @@ class PostgresStorage(Storage):
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
-    def _update_users(self, txn: Txn, rows: List[Tuple[str, int, int, int]]) -> None:
-        from psycopg2.extras import execute_values
+    def _write_batch(
+        self, txn: Txn, inserts: List[Tuple[Any, ...]], users: List[Tuple[str, int, int, int]],
+        streams: List[Tuple[str, str, int]], devices: List[Tuple[str, str, int, int]],
+    ) -> None:
+        """
+        The batch's four writes as one statement (data-modifying CTEs): one
+        round trip instead of four; a round trip also costs the pool thread a
+        wait for the GIL the busy reactor thread holds.
 
-        execute_values(
-            _cursor(txn), "UPDATE users AS u SET head_seq = v.h, stored_bytes = v.b, last_activity = v.t"
-            " FROM (VALUES %s) AS v(uid, h, b, t) WHERE u.user_id = v.uid", rows,
-            template="(%s, %s::bigint, %s::bigint, %s::bigint)", page_size=1000)
+        Locks stay as before: the users' rows are held since the batch's
+        first statement; devices are locked in key order by the materialized
+        ``SELECT … ORDER BY … FOR UPDATE`` (see ``_update_devices_in_order``);
+        events and streams rows are the batch's users' own, under those locks.
+        """
+        cur = _cursor(txn)
 
-    def _upsert_streams(self, txn: Txn, rows: List[Tuple[str, str, int]]) -> None:
-        from psycopg2.extras import execute_values
+        def values(template: str, rows: List[Tuple[Any, ...]]) -> bytes:
+            return b",".join(cur.mogrify(template, row) for row in rows)
 
-        execute_values(
-            _cursor(txn), "INSERT INTO streams (user_id, stream_id, head) VALUES %s"
-            " ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head", rows, page_size=1000)
-
-    def _update_devices(self, txn: Txn, rows: List[Tuple[str, str, int, int]]) -> None:
-        self._update_devices_in_order(txn, "last_device_seq", rows)
+        ctes = [
+            b"ev AS (INSERT INTO events (user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq,"
+            b" type, encrypted_payload, payload_size, ttl, created_at) VALUES "
+            + values("(" + ", ".join(["%s"] * 12) + ")", inserts) + b")",
+            b"us AS (UPDATE users AS u SET head_seq = v.h, stored_bytes = v.b, last_activity = v.t FROM (VALUES "
+            + values("(%s, %s::bigint, %s::bigint, %s::bigint)", list(users))
+            + b") AS v(uid, h, b, t) WHERE u.user_id = v.uid)",
+        ]
+        if streams:
+            ctes.append(b"st AS (INSERT INTO streams (user_id, stream_id, head) VALUES " + values("(%s, %s, %s)", list(streams))
+                        + b" ON CONFLICT (user_id, stream_id) DO UPDATE SET head = excluded.head)")
+        if devices:
+            ctes.append(
+                b"dv(uid, did, m, t) AS (VALUES " + values("(%s, %s, %s::bigint, %s::bigint)", list(devices)) + b"),"
+                b" l AS MATERIALIZED (SELECT d.user_id, d.device_id, dv.m, dv.t FROM dv JOIN devices d"
+                b" ON d.user_id = dv.uid AND d.device_id = dv.did ORDER BY d.user_id, d.device_id FOR UPDATE OF d),"
+                b" du AS (UPDATE devices AS d SET last_device_seq = GREATEST(d.last_device_seq, l.m), last_seen = l.t"
+                b" FROM l WHERE d.user_id = l.user_id AND d.device_id = l.device_id)")
+        cur.execute(b"WITH " + b", ".join(ctes) + b" SELECT 1")
 
     def _txn_update_cursors(self, txn: Txn, rows: List[Tuple[int, int, str, str]]) -> None:
         self._update_devices_in_order(txn, "delivered_seq", [(u, d, seq, t) for seq, t, u, d in rows])
@@ -186,15 +207,3 @@ class PostgresStorage(Storage):
             " UPDATE devices AS d SET {c} = GREATEST(d.{c}, l.m), last_seen = l.t"
             " FROM l WHERE d.user_id = l.user_id AND d.device_id = l.device_id".format(c=column), rows,
             template="(%s, %s, %s::bigint, %s::bigint)", page_size=max(1, len(rows)))  # one statement: one order
-
-    def _insert_events(self, txn: Txn, rows: List[Tuple[Any, ...]]) -> None:
-        # One multi-row statement: adbapi/psycopg2's per-row path is the largest cost.
-        from psycopg2.extras import execute_values
-
-        execute_values(
-            _cursor(txn),
-            "INSERT INTO events (user_id, seq, event_id, device_id, device_seq, stream_id, stream_seq, type,"
-            " encrypted_payload, payload_size, ttl, created_at) VALUES %s",
-            rows,
-            page_size=1000,
-        )
