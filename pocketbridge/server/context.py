@@ -29,8 +29,12 @@ log = Logger()
 
 class CursorBook:
     """
-    Batches ``delivered_seq`` writes: at most every ``interval`` seconds, on
-    disconnect and at shutdown, always as GREATEST(stored, new) in SQL.
+    Batches the writes a connection's life leaves behind: ``delivered_seq``
+    (as GREATEST(stored, new) in SQL) and ``last_seen`` of devices whose last
+    socket closed. Written every ``interval`` seconds and at shutdown, never
+    per disconnect: a handshake cycle then costs no storage transaction on
+    close. A crash loses at most one interval of both (docs/operations.md,
+    "What a crash can make stale"); events are never at stake.
     """
 
     def __init__(self, storage: Storage, clock: IReactorTime, interval: float, now_ms: Callable[[], int]) -> None:
@@ -38,6 +42,10 @@ class CursorBook:
         self.clock = clock
         self.now_ms = now_ms
         self.dirty: Dict[Tuple[str, str], int] = {}
+        #: last_seen to write: when the device's last socket closed (ms).
+        self.seen: Dict[Tuple[str, str], int] = {}
+        #: Cursor batches handed to storage and not yet committed (a reconnect reads through them).
+        self.writing: List[Dict[Tuple[str, str], int]] = []
         self.loop = LoopingCall(self.flush)
         self.loop.clock = clock
         self.interval = interval
@@ -58,21 +66,48 @@ class CursorBook:
         if seq > self.dirty.get(key, -1):
             self.dirty[key] = seq
 
+    def went_offline(self, user_id: str, device_id: str, at_ms: int) -> None:
+        """The device's last socket closed at ``at_ms``: its ``last_seen`` goes into the next flush."""
+        key = (user_id, device_id)
+        if at_ms > self.seen.get(key, -1):
+            self.seen[key] = at_ms
+
+    def pending(self, user_id: str, device_id: str) -> int:
+        """
+        The highest cursor of the device this node holds but storage may not
+        have yet (0: none), so a socket that reconnects to this node within
+        the flush interval starts where the last one ended.
+        """
+        key = (user_id, device_id)
+        seq = self.dirty.get(key, 0)
+        for batch in self.writing:
+            seq = max(seq, batch.get(key, 0))
+        return seq
+
     def flush(self) -> "Deferred[None]":
-        """Write the pending cursors now."""
-        if not self.dirty:
+        """Write the pending cursors and last_seen times now, in one storage transaction."""
+        if not self.dirty and not self.seen:
             return succeed(None)
         batch, self.dirty = self.dirty, {}
+        seen, self.seen = self.seen, {}
+        self.writing.append(batch)
         metrics.CURSOR_WRITES.inc(len(batch))
-        d = self.storage.update_cursors(batch, self.now_ms())
+        d = self.storage.update_cursors(batch, self.now_ms(), seen)
+
+        def written(result: None) -> None:
+            self.writing.remove(batch)
 
         def failed(f: Any) -> None:
+            self.writing.remove(batch)
             log.warn("cursor write failed, will retry: {error}", error=f.getErrorMessage())
             for key, seq in batch.items():
                 if seq > self.dirty.get(key, -1):
                     self.dirty[key] = seq
+            for key, at in seen.items():
+                if at > self.seen.get(key, -1):
+                    self.seen[key] = at
 
-        d.addErrback(failed)
+        d.addCallbacks(written, failed)
         return d
 
 
