@@ -119,21 +119,39 @@ class RoundTripTests(HandshakeCase):
         proto.onClose(True, 1000, "")
         self.assertEqual(storage.calls, ["register_and_read_head"])
 
-    def test_close_leaves_last_seen_to_the_batched_flush(self) -> None:
-        """The device's last socket closes at T: the next periodic flush writes last_seen = T, in one call."""
-        node, storage = self.node_with(returning(self.identity.user_id), cursor_flush_interval=5.0)
-        node.cursors.start()
+    def test_close_writes_last_seen_in_the_batched_write_then_notifies(self) -> None:
+        """The device's last socket closes at T: no call then; close_delay later one write with last_seen = T, then the offline notice."""
+        node, storage = self.node_with(returning(self.identity.user_id))
+        notices: List[Tuple[bool, int]] = []
+        node.announce_presence = lambda u, d, name, t, online, now: notices.append((online, len(storage.flushes)))
         proto, _ = self.handshake(node)
         self.clock.advance(1.5)
         closed_at = node.now_ms()
         proto.onClose(True, 1000, "")
-        self.assertEqual(storage.flushes, [])
-        self.clock.advance(3.5)  # the first tick at 5 s
+        self.assertEqual((storage.flushes, [n for n in notices if not n[0]]), ([], []))
+        self.clock.advance(CursorBook.close_delay)
         key = (self.identity.user_id, DEVICE)
         # v1 hands its cursor (0: nothing delivered) to the book on close; GREATEST keeps the stored one.
         self.assertEqual(storage.flushes, [({key: 0}, node.now_ms(), {key: closed_at})])
         self.assertEqual(storage.calls, ["register_and_read_head", "update_cursors"])
+        self.assertEqual(notices[-1], (False, 1))  # sent after the write
         self.assertEqual(node.cursors.seen, {})
+
+    def test_closes_within_the_delay_share_one_write(self) -> None:
+        """Fifty devices closing within close_delay cost one storage call between them."""
+        node, storage = self.node_with(returning(self.identity.user_id))
+        protos = []
+        for i in range(50):
+            self.identity = Identity.generate()
+            storage.device = returning(self.identity.user_id)
+            protos.append(self.handshake(node)[0])
+        calls = len(storage.calls)
+        for proto in protos:
+            proto.onClose(True, 1000, "")
+            self.clock.advance(CursorBook.close_delay / 100)
+        self.clock.advance(CursorBook.close_delay)
+        self.assertEqual(storage.calls[calls:], ["update_cursors"])
+        self.assertEqual(len(storage.flushes[0][2]), 50)
 
     def test_second_socket_closing_writes_nothing(self) -> None:
         """While another socket of the device is open its close marks no last_seen."""
@@ -210,13 +228,27 @@ class CursorBookTests(SynchronousTestCase):
         self.assertEqual(self.storage.calls, [])
 
     def test_failed_flush_keeps_everything(self) -> None:
-        """A failed write puts cursors and marks back (newer values win) for the next flush."""
+        """A failed write puts cursors and marks back (newer values win) for the next flush; the offline waiter still fires."""
         self.storage.fail_flush = True
         self.book.update("u", "a", 4)
-        self.book.went_offline("u", "b", 900)
+        fired: List[None] = []
+        self.book.went_offline("u", "b", 900).addCallback(fired.append)
         self.book.flush()
         self.assertEqual((self.book.dirty, self.book.seen), ({("u", "a"): 4}, {("u", "b"): 900}))
         self.assertEqual(self.book.writing, [])
+        self.assertEqual(fired, [None])
+
+    def test_went_offline_fires_after_the_write(self) -> None:
+        """The Deferred of a mark fires when the write after the close is done, not before."""
+        held: Deferred[None] = Deferred()
+        self.storage.update_cursors = lambda *a: held  # type: ignore[method-assign]
+        fired: List[None] = []
+        self.book.went_offline("u", "b", 900).addCallback(fired.append)
+        self.clock.advance(CursorBook.close_delay)
+        self.assertEqual(fired, [])
+        held.callback(None)
+        self.assertEqual(fired, [None])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_pending_reads_through_a_write_in_flight(self) -> None:
         """While a batch is being written its cursor still counts for a reconnect; afterwards storage has it."""

@@ -244,14 +244,16 @@ def _socket_limit(s: Settings, device_sockets: int, user_sockets: int) -> Option
 
 def depart(node: "Node", session: Session, session_id: str) -> None:
     """
-    The connection of an attached session is gone: its cursor stays in the
-    cursor book (written by the next batched flush), routing to it stops, and
-    when it was the device's last socket its ``last_seen`` joins the same
-    flush and the other devices are told it went offline. No storage
-    transaction on close.
+    The connection of an attached session is gone: its cursor goes to the
+    cursor book, written with every other socket that ends within
+    ``CursorBook.close_delay`` in one transaction; routing to it stops; when
+    it was the device's last socket its ``last_seen`` joins that write and the
+    other devices are told it went offline after it. No storage transaction
+    of its own.
     """
     session.lost()
     node.hub.detach(session)
+    node.cursors.closed()
     d = node.presence.remove(session.user_id, session.device_id, session_id)
     d.addCallback(_removed, node, session)
     d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
@@ -261,8 +263,8 @@ def _removed(offline: bool, node: "Node", session: Session) -> None:
     if not offline:
         return
     now = node.now_ms()
-    # The notice goes now; last_seen reaches storage with the next cursor
-    # flush (within cursor_flush_interval): a REST read in between may still
-    # show the previous value (docs/operations.md).
-    node.cursors.went_offline(session.user_id, session.device_id, now)
-    node.announce_presence(session.user_id, session.device_id, session.device_name, session.device_type, False, now)
+    # last_seen is written first (in the batched write after the close), then
+    # the other devices are told: a REST read after the notice sees it.
+    d = node.cursors.went_offline(session.user_id, session.device_id, now)
+    d.addCallback(lambda _: node.announce_presence(
+        session.user_id, session.device_id, session.device_name, session.device_type, False, now))
