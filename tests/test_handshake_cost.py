@@ -37,7 +37,7 @@ class CountingStorage(FakeStorage):
         self.calls: List[str] = []
         self.flushes: List[Tuple[Dict[Key, int], int, Dict[Key, int]]] = []
         self.fail_flush = False
-        self.head = 0
+        self.head_seq = 0  # the head register_and_read_head answers
 
     def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[DeviceState]]":
         self.calls.append("get_device")
@@ -50,7 +50,7 @@ class CountingStorage(FakeStorage):
         if created:
             self.device = DeviceState(user_id, device_id, name, dtype, now, now, 0, 0, None)
         assert self.device is not None
-        return succeed((self.device, created, self.head, 0))
+        return succeed((self.device, created, self.head_seq, 0))
 
     def update_cursors(self, batch: Any, now: int, last_seen: Any = None) -> "Deferred[None]":
         self.calls.append("update_cursors")
@@ -81,7 +81,7 @@ class HandshakeCase(SynchronousTestCase):
     def node_with(self, device: Optional[DeviceState], **settings: Any) -> Tuple[Any, CountingStorage]:
         node = make_node(self.clock, **settings)
         storage = CountingStorage(device)
-        node.storage = storage
+        node.storage = storage  # type: ignore[assignment]  # a fake
         node.cursors.storage = storage  # type: ignore[assignment]
         LocalBus(node.hub).control = node.on_control
         return node, storage
@@ -193,7 +193,7 @@ class RoundTripTests(HandshakeCase):
     def test_reconnect_starts_at_the_unwritten_cursor(self) -> None:
         """A socket that reconnects before the flush starts at the cursor the node holds, not the stored one."""
         node, storage = self.node_with(returning(self.identity.user_id, delivered=2))
-        storage.head = 10
+        storage.head_seq = 10
         node.cursors.update(self.identity.user_id, DEVICE, 7)
         proto, _ = self.handshake(node)
         assert proto.session is not None
