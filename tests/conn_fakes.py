@@ -167,7 +167,7 @@ class FakeStorage:
         """(head, purged_below)."""
         return succeed((self.events[-1].seq if self.events else 0, 0))
 
-    def update_cursors(self, batch: Any, now: int) -> "Deferred[None]":
+    def update_cursors(self, batch: Any, now: int, last_seen: Any = None) -> "Deferred[None]":
         return succeed(None)
 
     def record_unacked(self, *args: Any) -> "Deferred[bool]":

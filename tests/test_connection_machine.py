@@ -26,6 +26,7 @@ from pocketbridge.server.gateway.connection import (
     HANDSHAKE, TRANSITIONS, ConnectionMachine, Input, InvalidTransition, State,
 )
 from pocketbridge.server.gateway.adapter import GatewayProtocol, make_factory
+from pocketbridge.server.cluster.presence import LocalPresence
 from pocketbridge.server.storage import DeviceState
 from tests.conn_fakes import (
     DEVICE, UPGRADE, FakeStorage, FakeTCP, client_frame, close_code, connect, make_node, server_frames, text,
@@ -140,7 +141,11 @@ class TransitionTableTests(SynchronousTestCase):
 
 
 class HandshakeStorage(FakeStorage):
-    """FakeStorage with the device reads of the handshake, each answered when the test says."""
+    """
+    FakeStorage with the device reads of the handshake, each answered when the
+    test says: ``registrations`` (register + head + revocation, the one read of
+    a handshake) and ``device_reads`` (only a handshake refused by a socket limit).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -156,6 +161,19 @@ class HandshakeStorage(FakeStorage):
                                now: int) -> "Deferred[Tuple[DeviceState, bool, int, int]]":
         d: Deferred[Tuple[DeviceState, bool, int, int]] = Deferred()
         self.registrations.append(d)
+        return d
+
+
+class HeldPresence(LocalPresence):
+    """LocalPresence whose ``add`` answers when the test says: the connection stays JOINING meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds: List[Deferred[bool]] = []
+
+    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
+        d: Deferred[bool] = Deferred()
+        self.adds.append(d)
         return d
 
 
@@ -182,7 +200,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         return server_frames(tcp.written())
 
     def to_admitting(self, version: int = 1) -> Tuple[GatewayProtocol, FakeTCP, Any]:
-        """A connection that sent a valid client_auth (the device read not answered yet)."""
+        """A connection that sent a valid client_auth (the registration read not answered yet)."""
         proto, tcp = connect(self.node, self.clock)
         self.assertIs(proto.machine.state, State.AWAIT_HELLO)
         hs: Any = V1Handshake(self.identity, DEVICE) if version == 1 else V2Handshake(self.identity, DEVICE)
@@ -201,7 +219,6 @@ class GatewayLifecycleTests(SynchronousTestCase):
 
     def to_live(self, version: int = 1) -> Tuple[GatewayProtocol, FakeTCP, Any]:
         proto, tcp, codec = self.to_admitting(version)
-        self.storage.device_reads[0].callback(None)
         self.storage.registrations[0].callback((device(self.identity.user_id), True, 0, 0))
         self.assertIs(proto.machine.state, State.LIVE)
         return proto, tcp, codec
@@ -258,10 +275,11 @@ class GatewayLifecycleTests(SynchronousTestCase):
 
     def test_joining_attaches_the_session_and_ends_the_handshake_deadline(self) -> None:
         """ADMITTING -> JOINING: queued frames go to the session, the deadline is cancelled; nothing times out at 30 s."""
+        self.node.presence = HeldPresence()  # JOINING lasts until presence answers
         proto, tcp, _ = self.to_admitting()
         proto.dataReceived(text("ping", {}))
         deadline = proto.machine.pending()[0]
-        self.storage.device_reads[0].callback(None)
+        self.storage.registrations[0].callback((device(self.identity.user_id), True, 0, 0))
         self.assertIs(proto.machine.state, State.JOINING)
         self.assertFalse(deadline.active())
         session = proto.session
@@ -275,7 +293,6 @@ class GatewayLifecycleTests(SynchronousTestCase):
         proto, tcp, _ = self.to_admitting()
         proto.dataReceived(text("ping", {}))
         before = gauge("authenticated")
-        self.storage.device_reads[0].callback(None)
         self.storage.registrations[0].callback((device(self.identity.user_id), True, 0, 0))
         self.assertIs(proto.machine.state, State.LIVE)
         self.assertEqual(gauge("authenticated") - before, 1)
@@ -317,7 +334,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
     def test_revoked_device_fails_while_admitting(self) -> None:
         """ADMITTING -> CLOSING: a revoked device is closed 4003, reading resumes, the deadline is cancelled, no session."""
         proto, tcp, _ = self.to_admitting()
-        self.storage.device_reads[0].callback(device(self.identity.user_id, revoked_at=1))
+        self.storage.registrations[0].callback((device(self.identity.user_id, revoked_at=1), False, 0, 0))
         self.assertIs(proto.machine.state, State.CLOSING)
         self.assertEqual(close_code(self.frames(tcp)), 4003)
         self.assertTrue(tcp.reading)
@@ -325,10 +342,12 @@ class GatewayLifecycleTests(SynchronousTestCase):
         self.assertEqual(len(proto.machine.pending()), 1)  # the pre-auth drop timer only
 
     def test_revoked_between_reads_fails_while_joining(self) -> None:
-        """JOINING -> CLOSING -> GONE: revoked at registration: 4003, then onClose detaches the session."""
+        """JOINING -> CLOSING -> GONE: revoked after registration, before going live: 4003, then onClose detaches the session."""
+        self.node.presence = HeldPresence()
         proto, tcp, _ = self.to_admitting()
-        self.storage.device_reads[0].callback(None)
-        self.storage.registrations[0].callback((device(self.identity.user_id, revoked_at=1), False, 0, 0))
+        self.storage.registrations[0].callback((device(self.identity.user_id), False, 0, 0))
+        self.node.on_control({"kind": "revoke", "user_id": self.identity.user_id, "device_id": DEVICE,
+                              "reason": "revoked", "timestamp": 1})
         self.assertEqual(close_code(self.frames(tcp)), 4003)
         self.assertIs(proto.machine.state, State.CLOSING)
         proto.onClose(True, 1000, "")
@@ -341,7 +360,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         from pocketbridge.server.storage import StorageUnavailable
 
         proto, tcp, _ = self.to_admitting()
-        self.storage.device_reads[0].errback(StorageUnavailable("down"))
+        self.storage.registrations[0].errback(StorageUnavailable("down"))
         self.assertEqual(close_code(self.frames(tcp)), 1013)
         self.assertIs(proto.machine.state, State.CLOSING)
 
@@ -350,7 +369,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         proto, tcp, _ = self.to_admitting()
         proto.onClose(False, 1006, "gone")
         self.assertIs(proto.machine.state, State.GONE)
-        self.storage.device_reads[0].callback(None)
+        self.storage.registrations[0].callback((device(self.identity.user_id), False, 0, 0))
         self.assertIsNone(proto.session)
         self.assertEqual(self.node.hub.sinks(self.identity.user_id), [])
         self.assertEqual(proto.machine.pending(), [])

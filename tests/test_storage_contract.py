@@ -494,6 +494,17 @@ class StorageContract:
         two = await self.storage.get_device(USER_A, DEV_2)
         self.assertEqual((one.delivered_seq, two.delivered_seq), (5, 4))
 
+    async def test_update_cursors_sets_last_seen(self) -> None:
+        """last_seen is the given close time for a marked device (its cursor untouched), else the flush time."""
+        await self.register(USER_A, DEV_1)
+        await self.register(USER_A, DEV_2)
+        await self.storage.update_cursors({(USER_A, DEV_1): 5}, NOW + 1)
+        await self.storage.update_cursors({(USER_A, DEV_2): 4}, NOW + 9, {(USER_A, DEV_1): NOW + 7})
+        one = await self.storage.get_device(USER_A, DEV_1)
+        two = await self.storage.get_device(USER_A, DEV_2)
+        self.assertEqual((one.delivered_seq, one.last_seen), (5, NOW + 7))
+        self.assertEqual((two.delivered_seq, two.last_seen), (4, NOW + 9))
+
     async def test_update_cursor_unknown_device(self) -> None:
         """A cursor for a device with no row creates nothing and does not fail."""
         await self.storage.update_cursors({(USER_A, DEV_2): 5}, NOW)

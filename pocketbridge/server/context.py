@@ -8,10 +8,10 @@ handles, it builds nothing that needs another handle later.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from nacl.signing import SigningKey
@@ -35,15 +35,31 @@ log = Logger()
 
 class CursorBook:
     """
-    Batches ``delivered_seq`` writes: at most every ``interval`` seconds, on
-    disconnect and at shutdown, always as GREATEST(stored, new) in SQL.
+    Batches the writes a connection's life leaves behind: ``delivered_seq``
+    (as GREATEST(stored, new) in SQL) and ``last_seen`` of devices whose last
+    socket closed. Written every ``interval`` seconds, at shutdown, and
+    ``close_delay`` after a socket ends, in one transaction for every socket
+    that ended meanwhile: a close costs no transaction of its own, yet a
+    clean disconnect's cursor is durable within ``close_delay`` (PROTOCOL.md
+    §7.2). A crash loses at most one interval of cursor moves of open
+    sockets (docs/operations.md, "What a crash can make stale"); events are
+    never at stake.
     """
+
+    #: Seconds from a socket's end to the batched write of its cursor and last_seen.
+    close_delay = 0.2
 
     def __init__(self, storage: Storage, clock: IReactorTime, interval: float, now_ms: Callable[[], int]) -> None:
         self.storage = storage
         self.clock = clock
         self.now_ms = now_ms
         self.dirty: Dict[Tuple[str, str], int] = {}
+        #: last_seen to write: when the device's last socket closed (ms).
+        self.seen: Dict[Tuple[str, str], int] = {}
+        #: Cursor batches handed to storage and not yet committed (a reconnect reads through them).
+        self.writing: List[Dict[Tuple[str, str], int]] = []
+        self.soon: Optional[IDelayedCall] = None  # the write after a socket ended
+        self.waiters: List["Deferred[None]"] = []  # fire once the next write is done
         self.loop = LoopingCall(self.flush)
         self.loop.clock = clock
         self.interval = interval
@@ -58,27 +74,78 @@ class CursorBook:
             self.loop.stop()
         return self.flush()
 
+    def closed(self) -> None:
+        """A socket ended: write within ``close_delay``, with every socket that ends meanwhile."""
+        if self.soon is None or not self.soon.active():
+            self.soon = self.clock.callLater(self.close_delay, self.flush)
+
     def update(self, user_id: str, device_id: str, seq: int) -> None:
         """Remember that the device has everything up to ``seq``."""
         key = (user_id, device_id)
         if seq > self.dirty.get(key, -1):
             self.dirty[key] = seq
 
+    def went_offline(self, user_id: str, device_id: str, at_ms: int) -> "Deferred[None]":
+        """
+        The device's last socket closed at ``at_ms``: its ``last_seen`` goes
+        into the write after the close. Fires once that write is done (or
+        failed: it is then retried), so the offline notice can follow it.
+        """
+        key = (user_id, device_id)
+        if at_ms > self.seen.get(key, -1):
+            self.seen[key] = at_ms
+        self.closed()
+        done: "Deferred[None]" = Deferred()
+        self.waiters.append(done)
+        return done
+
+    def pending(self, user_id: str, device_id: str) -> int:
+        """
+        The highest cursor of the device this node holds but storage may not
+        have yet (0: none), so a socket that reconnects to this node within
+        the flush interval starts where the last one ended.
+        """
+        key = (user_id, device_id)
+        seq = self.dirty.get(key, 0)
+        for batch in self.writing:
+            seq = max(seq, batch.get(key, 0))
+        return seq
+
     def flush(self) -> "Deferred[None]":
-        """Write the pending cursors now."""
-        if not self.dirty:
+        """Write the pending cursors and last_seen times now, in one storage transaction."""
+        if self.soon is not None and self.soon.active():
+            self.soon.cancel()
+        self.soon = None
+        waiters, self.waiters = self.waiters, []
+        if not self.dirty and not self.seen:
+            for w in waiters:
+                w.callback(None)
             return succeed(None)
         batch, self.dirty = self.dirty, {}
+        seen, self.seen = self.seen, {}
+        self.writing.append(batch)
         metrics.CURSOR_WRITES.inc(len(batch))
-        d = self.storage.update_cursors(batch, self.now_ms())
+        d = self.storage.update_cursors(batch, self.now_ms(), seen)
+
+        def written(result: None) -> None:
+            self.writing.remove(batch)
 
         def failed(f: Any) -> None:
+            self.writing.remove(batch)
             log.warn("cursor write failed, will retry: {error}", error=f.getErrorMessage())
             for key, seq in batch.items():
                 if seq > self.dirty.get(key, -1):
                     self.dirty[key] = seq
+            for key, at in seen.items():
+                if at > self.seen.get(key, -1):
+                    self.seen[key] = at
 
-        d.addErrback(failed)
+        def release(result: None) -> None:
+            for w in waiters:
+                w.callback(None)
+
+        d.addCallbacks(written, failed)
+        d.addCallback(release)
         return d
 
 

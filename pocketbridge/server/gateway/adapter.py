@@ -28,6 +28,7 @@ from pocketbridge.server.gateway.flow import FlowControl, Outbound
 from pocketbridge.server.gateway.inbound import WS_PING, WS_PONG
 from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.gateway.admission import FailureToken, admit, check_upgrade, client_ip, depart
+from pocketbridge.server.gateway.options import with_factory_options
 from pocketbridge.server.storage import StorageUnavailable
 from pocketbridge.protocol.wire import Malformed, ProtocolError
 
@@ -455,4 +456,5 @@ def make_factory(node: "Node") -> WebSocketServerFactory:
         perMessageCompressionAccept=lambda offers: None,
         webStatus=False,
     )
+    factory.protocol = with_factory_options(GatewayProtocol, factory)  # options copied once, not per connection
     return factory

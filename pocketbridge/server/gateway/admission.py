@@ -25,6 +25,7 @@ from pocketbridge.server.config import Settings
 from pocketbridge.server.gateway.handshake import AuthRequest
 from pocketbridge.server.gateway.inbound import Conn
 from pocketbridge.server.gateway.session import Session
+from pocketbridge.server.storage import DeviceState
 
 if TYPE_CHECKING:
     from pocketbridge.server.context import Node
@@ -126,19 +127,15 @@ class Gate(Protocol):
 
 async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session_id: str) -> None:
     """
-    A valid ``client_auth`` arrived: check the device and the socket limits,
-    attach the session, register the device and read the head, then go
-    live. Stops (without a word) as soon as the connection is ending.
-    Storage errors propagate (the gateway closes 1013).
+    A valid ``client_auth`` arrived: check the socket limits, subscribe the
+    session, then register the device and read the head in ONE storage
+    transaction, which also answers whether the device is revoked; attach
+    the session to the connection and go live. Stops (without a word) as
+    soon as the connection is ending; a session that is not attached in the
+    end is detached from the hub again. Storage errors propagate (the
+    gateway closes 1013).
     """
     s = node.settings
-    storage = node.storage
-    device = await storage.get_device(auth.user_id, auth.device_id)
-    if gate.ended():
-        return
-    if device is not None and device.revoked_at is not None:
-        gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
-        return
     presence = node.presence
     try:
         device_sockets, user_sockets = await presence.counts(auth.user_id, auth.device_id)
@@ -149,54 +146,80 @@ async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session
         return
     limited = _socket_limit(s, device_sockets, user_sockets)
     if limited is not None:
-        name, refusal = limited
-        metrics.LIMIT_HITS.labels(limit=name).inc()
-        metrics.HANDSHAKES.labels(result="limited").inc()
-        gate.close(refusal)
+        await _refuse(node, gate, auth, limited)
         return
-    now = node.now_ms()
     session = Session(
         node, conn, auth.user_id, auth.device_id, session_id, auth.protocol_version,
         auth.device_name, auth.device_type,
     )
     # Subscribe first, then read the head (§7.3): whatever commits after the
-    # head read reaches this session live. ``subscribed`` fires once the bus
-    # listens for the user (Redis confirmed the SUBSCRIBE).
-    subscribed = node.hub.attach(session)
-    gate.attached(session)
-    await subscribed
+    # head read reaches this session live (it holds live events until the
+    # head is known). ``subscribed`` fires once the bus listens for the user.
+    attached = False
+    try:
+        await node.hub.attach(session)
+        if gate.ended():
+            return
+        now = node.now_ms()
+        device, created, head, purged_below = await node.storage.register_and_read_head(
+            auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
+        if gate.ended():
+            return
+        if device.revoked_at is not None:
+            gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
+            return
+        gate.attached(session)
+        attached = True
+    finally:
+        if not attached:
+            session.lost()
+            node.hub.detach(session)
+    await _join(node, gate, session, auth, device, created, head, purged_below, now)
+
+
+async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limited: Tuple[str, ProtocolError]) -> None:
+    """
+    A socket limit is reached. A revoked device is still told 4003, not 4029
+    (§12): only this refused handshake pays a device read of its own.
+    """
+    device = await node.storage.get_device(auth.user_id, auth.device_id)
     if gate.ended():
         return
-    device, created, head, purged_below = await storage.register_and_read_head(
-        auth.user_id, auth.device_id, auth.device_name, auth.device_type, now)
-    if gate.ended():
-        return
-    if device.revoked_at is not None:  # revoked between the two reads
+    if device is not None and device.revoked_at is not None:
         gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
         return
+    name, refusal = limited
+    metrics.LIMIT_HITS.labels(limit=name).inc()
+    metrics.HANDSHAKES.labels(result="limited").inc()
+    gate.close(refusal)
+
+
+async def _join(node: "Node", gate: Gate, session: Session, auth: AuthRequest, device: DeviceState,
+                created: bool, head: int, purged_below: int, now: int) -> None:
+    """The attached session: presence, ``session_established``, notices, then the catch-up."""
     # Name and type are those stored at registration (§4.4), not this handshake's.
     session.device_name, session.device_type = device.name, device.type
     try:
-        online = await presence.add(auth.user_id, auth.device_id, session_id, now)
+        online = await node.presence.add(auth.user_id, auth.device_id, session.session_id, now)
     except Exception as e:
         log.warn("presence unavailable: {error}", error=str(e))
         online = False
     if gate.ended():
         return
     node.hub.known_head(auth.user_id, head)
-    age = s.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))
+    age = node.settings.session_max_age * (1.0 - node.rng.uniform(0.0, 0.05))
     expires_at = now + int(age * 1000)
     gate.established(session, wire.encode("session_established", {
         "type": "session_established",
         "device_id": auth.device_id,
         "last_ack_device_seq": device.last_device_seq,
         "expires_at": expires_at,
-        "session_id": session_id,
+        "session_id": session.session_id,
         "protocol_version": auth.protocol_version,
         "server_time": node.now_ms(),
     }), age, expires_at)
     log.debug("session {session_id} established (v{version}, new device: {created})",
-              session_id=session_id, version=auth.protocol_version, created=created)
+              session_id=session.session_id, version=auth.protocol_version, created=created)
     if online:
         node.announce_presence(auth.user_id, auth.device_id, device.name, device.type, True, now)
     if created:
@@ -204,7 +227,10 @@ async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session
             "type": "device_paired", "device_id": auth.device_id, "device_name": device.name,
             "device_type": device.type, "timestamp": now,
         }, exclude_device=auth.device_id)
-    session.established(head, device.delivered_seq, device.last_device_seq, auth.resume_from, purged_below)
+    # The cursor this node has not written yet counts too: a socket that
+    # reconnects within the flush interval starts where the last one ended.
+    delivered = max(device.delivered_seq, node.cursors.pending(auth.user_id, auth.device_id))
+    session.established(head, delivered, device.last_device_seq, auth.resume_from, purged_below)
 
 
 def _socket_limit(s: Settings, device_sockets: int, user_sockets: int) -> Optional[Tuple[str, ProtocolError]]:
@@ -218,13 +244,16 @@ def _socket_limit(s: Settings, device_sockets: int, user_sockets: int) -> Option
 
 def depart(node: "Node", session: Session, session_id: str) -> None:
     """
-    The connection of an attached session is gone: write the cursor, stop
-    routing to it, and when it was the device's last socket persist
-    ``last_seen`` and then tell the other devices it went offline.
+    The connection of an attached session is gone: its cursor goes to the
+    cursor book, written with every other socket that ends within
+    ``CursorBook.close_delay`` in one transaction; routing to it stops; when
+    it was the device's last socket its ``last_seen`` joins that write and the
+    other devices are told it went offline after it. No storage transaction
+    of its own.
     """
     session.lost()
     node.hub.detach(session)
-    node.cursors.flush()
+    node.cursors.closed()
     d = node.presence.remove(session.user_id, session.device_id, session_id)
     d.addCallback(_removed, node, session)
     d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
@@ -234,9 +263,8 @@ def _removed(offline: bool, node: "Node", session: Session) -> None:
     if not offline:
         return
     now = node.now_ms()
-    # Persist last_seen first, then tell the other devices (a REST read after
-    # the notice sees the new value).
-    d = node.storage.touch_device(session.user_id, session.device_id, now)
-    d.addErrback(lambda f: log.warn("last_seen write failed: {e}", e=f.getErrorMessage()))
+    # last_seen is written first (in the batched write after the close), then
+    # the other devices are told: a REST read after the notice sees it.
+    d = node.cursors.went_offline(session.user_id, session.device_id, now)
     d.addCallback(lambda _: node.announce_presence(
         session.user_id, session.device_id, session.device_name, session.device_type, False, now))

@@ -121,9 +121,18 @@ class DeviceStore(BaseStore):
 
     # -------------------------------------------------------------- delivery cursors
 
-    def update_cursors(self, cursors: Dict[Tuple[str, str], int], now: int) -> "Deferred[None]":
-        """Raise each device's ``delivered_seq`` to at least the given seq (never lowers it)."""
-        rows = [(seq, now, user, device) for (user, device), seq in sorted(cursors.items())]
+    def update_cursors(
+        self, cursors: Dict[Tuple[str, str], int], now: int, last_seen: Optional[Dict[Tuple[str, str], int]] = None,
+    ) -> "Deferred[None]":
+        """
+        Raise each device's ``delivered_seq`` to at least the given seq (never
+        lowers it) and set its ``last_seen``: the time in ``last_seen`` (its
+        last socket closed then), else ``now``. A device only in ``last_seen``
+        keeps its cursor (GREATEST with 0). One transaction for the whole batch.
+        """
+        seen = last_seen or {}
+        keys = sorted(set(cursors) | set(seen))
+        rows = [(cursors.get(key, 0), seen.get(key, now), key[0], key[1]) for key in keys]
         return self.run("update_cursors", self._txn_update_cursors, rows)
 
     def _txn_update_cursors(self, txn: Txn, rows: List[Tuple[int, int, str, str]]) -> None:
