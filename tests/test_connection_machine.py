@@ -346,8 +346,8 @@ class GatewayLifecycleTests(SynchronousTestCase):
         self.node.presence = HeldPresence()
         proto, tcp, _ = self.to_admitting()
         self.storage.registrations[0].callback((device(self.identity.user_id), False, 0, 0))
-        self.node.on_control({"kind": "revoke", "user_id": self.identity.user_id, "device_id": DEVICE,
-                              "reason": "revoked", "timestamp": 1})
+        self.node.hub.on_control({"kind": "revoke", "user_id": self.identity.user_id, "device_id": DEVICE,
+                                  "reason": "revoked", "timestamp": 1})
         self.assertEqual(close_code(self.frames(tcp)), 4003)
         self.assertIs(proto.machine.state, State.CLOSING)
         proto.onClose(True, 1000, "")

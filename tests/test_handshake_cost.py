@@ -19,7 +19,6 @@ from pocketbridge.client.handshake import V1Handshake, V2Handshake
 from pocketbridge.client.keys import Identity
 from pocketbridge.protocol import wire
 from pocketbridge.server.context import CursorBook
-from pocketbridge.server.fanout.hub import LocalBus
 from pocketbridge.server.gateway.adapter import GatewayProtocol
 from pocketbridge.server.gateway.connection import State
 from pocketbridge.server.storage import DeviceState, StorageUnavailable
@@ -83,7 +82,6 @@ class HandshakeCase(SynchronousTestCase):
         storage = CountingStorage(device)
         node.storage = storage  # type: ignore[assignment]  # a fake
         node.cursors.storage = storage  # type: ignore[assignment]
-        LocalBus(node.hub).control = node.on_control
         return node, storage
 
     def handshake(self, node: Any, version: int = 1) -> Tuple[GatewayProtocol, FakeTCP]:
