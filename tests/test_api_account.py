@@ -71,7 +71,7 @@ class AccountIntegration(_Base):
     backend: str
 
     async def start(self, args: Sequence[str] = ()) -> ServerProcess:
-        """A healthy server on this class's backend."""
+        """A healthy server on this class's backend, shared with the class's other tests (tests.class_servers)."""
         return await class_server(self, args=args)
 
     async def device(self, server: ServerProcess, identity: Optional[Identity] = None,
