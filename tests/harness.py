@@ -189,23 +189,25 @@ def free_port() -> int:
     ``bind(0)`` when there is no room below the ephemeral range.
     """
     ports = _reservable_ports()
-    if len(ports) >= 1000:
-        os.makedirs(_PORT_LOCK_DIR, exist_ok=True)
-        rng = random.SystemRandom()
-        for _ in range(500):
-            port = rng.choice(ports)
-            if port in _held_ports:
-                continue
+    rng = random.SystemRandom()
+    for _ in range(500 if len(ports) >= 1000 else 0):
+        port = rng.choice(ports)
+        if port in _held_ports:
+            continue
+        try:
+            os.makedirs(_PORT_LOCK_DIR, mode=0o1777, exist_ok=True)
             lock = open(os.path.join(_PORT_LOCK_DIR, str(port)), "ab")
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                continue
-            if _bindable(port):
-                _held_ports[port] = lock
-                return port
+        except OSError:  # another user's lock directory or file: do without
+            break
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process
             lock.close()
+            continue
+        if _bindable(port):
+            _held_ports[port] = lock
+            return port
+        lock.close()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
