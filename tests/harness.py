@@ -54,6 +54,20 @@ backend mixin and ``TestCase``::
 ``require_postgres``; a shared class that defines ``setUp`` must call
 ``super().setUp()``.
 
+Sharing one server among a class's tests
+----------------------------------------
+A test that only needs *a* healthy server (its own identities, no restart,
+no assertion on node-wide totals or per-IP budgets) may take
+``await class_server(self, ...)`` from ``tests.class_servers`` instead: one
+process per class and configuration, which saves a twistd start per test.
+
+Parallel runs
+-------------
+``scripts/run-tests`` runs the suite with ``trial -j``. Everything a test
+creates is unique to it: ``free_port`` reserves ports across processes (a
+lock file per port, below the ephemeral range), directories come from
+``mkdtemp``, databases and Redis prefixes have random names.
+
 Services that are not there
 ---------------------------
 ``require_postgres`` and ``require_redis`` (from ``tests.services``, also
