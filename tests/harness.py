@@ -54,6 +54,20 @@ backend mixin and ``TestCase``::
 ``require_postgres``; a shared class that defines ``setUp`` must call
 ``super().setUp()``.
 
+Sharing one server among a class's tests
+----------------------------------------
+A test that only needs *a* healthy server (its own identities, no restart,
+no assertion on node-wide totals or per-IP budgets) may take
+``await class_server(self, ...)`` from ``tests.class_servers`` instead: one
+process per class and configuration, which saves a twistd start per test.
+
+Parallel runs
+-------------
+``scripts/run-tests`` runs the suite with ``trial -j``. Everything a test
+creates is unique to it: ``free_port`` reserves ports across processes (a
+lock file per port, below the ephemeral range), directories come from
+``mkdtemp``, databases and Redis prefixes have random names.
+
 Services that are not there
 ---------------------------
 ``require_postgres`` and ``require_redis`` (from ``tests.services``, also
@@ -73,7 +87,9 @@ working directory, so nothing is imported from the checkout by accident.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
@@ -116,6 +132,7 @@ __all__ = [
     "postgres_base_url",
     "redis_available",
     "redis_url",
+    "release_port",
     "require_postgres",
     "require_redis",
     "start_server",
@@ -148,11 +165,73 @@ def twistd_command() -> List[str]:
     return [sys.executable, "-c", _TWISTD_MAIN]
 
 
+# Ports are reserved across processes (trial -j workers, other test runs on
+# the machine) with one lock file per port: bind(0) would hand out a port that
+# another worker can be given too before the server binds it, and that an
+# outgoing connection can take as its local port in the meantime.
+_PORT_LOCK_DIR = os.path.join(tempfile.gettempdir(), "pocketbridge-test-ports")
+_held_ports: Dict[int, IO[bytes]] = {}
+
+
+def _reservable_ports() -> range:
+    """Ports below the kernel's ephemeral range, which outgoing connections never take."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    return range(max(10000, ephemeral_low - 12000), ephemeral_low)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's listenTCP does
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """
+    A TCP port on 127.0.0.1 that is free and reserved for this process.
+
+    The reservation (an exclusive ``flock`` on a file named after the port)
+    lasts until ``release_port`` or the end of the process, so no other
+    trial worker or test run picks the same port meanwhile. Falls back to
+    ``bind(0)`` when there is no room below the ephemeral range.
+    """
+    ports = _reservable_ports()
+    rng = random.SystemRandom()
+    for _ in range(500 if len(ports) >= 1000 else 0):
+        port = rng.choice(ports)
+        if port in _held_ports:
+            continue
+        try:
+            os.makedirs(_PORT_LOCK_DIR, mode=0o1777, exist_ok=True)
+            lock = open(os.path.join(_PORT_LOCK_DIR, str(port)), "ab")
+        except OSError:  # another user's lock directory or file: do without
+            break
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another process
+            lock.close()
+            continue
+        if _bindable(port):
+            _held_ports[port] = lock
+            return port
+        lock.close()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def release_port(port: int) -> None:
+    """End this process's reservation of ``port`` (from ``free_port``); a no-op for others."""
+    lock = _held_ports.pop(port, None)
+    if lock is not None:
+        lock.close()
 
 
 _plugin_checked: Optional[str] = None  # None: not checked; "": fine; else the error
@@ -299,6 +378,7 @@ class ServerProcess:
         self.args = list(args)
         self.env = dict(env or {})
         self._port = port or free_port()
+        self._owns_port = port is None  # reserved here: released by cleanup()
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._files: List[IO[bytes]] = []
         self._reaped_current = True  # no process, or its exit has been recorded
@@ -539,6 +619,8 @@ class ServerProcess:
             await self.stop()
         finally:
             self._close_files()
+            if self._owns_port and not self.running:
+                release_port(self._port)
             if os.environ.get("PB_TEST_KEEP_TMP"):
                 print("kept server directory {}".format(self.directory), file=sys.stderr)
             else:

@@ -24,7 +24,8 @@ from twisted.trial.unittest import TestCase
 from pocketbridge.server.api.jsstringify import stringify
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
-from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
+from tests.class_servers import class_server
+from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -70,8 +71,8 @@ class AccountIntegration(_Base):
     backend: str
 
     async def start(self, args: Sequence[str] = ()) -> ServerProcess:
-        """A healthy server on this class's backend."""
-        return await start_server(self, args=args)
+        """A healthy server on this class's backend, shared with the class's other tests (tests.class_servers)."""
+        return await class_server(self, args=args)
 
     async def device(self, server: ServerProcess, identity: Optional[Identity] = None,
                      device_id: Optional[str] = None) -> Tuple[Client, RestClient]:

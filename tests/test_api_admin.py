@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from pocketbridge.server.cluster import drain
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
+from tests.class_servers import class_server
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, make_server, start_server
 from tests.test_api_auth import ADMIN_ENV, ADMIN_KEY, admin_client, admin_headers, admin_post, register_device
 
@@ -246,8 +247,8 @@ class AdminRouteTests(_Base):
     """Stats, revoke and unrevoke (API.md §3)."""
 
     async def server(self, *args: str) -> ServerProcess:
-        """A server with the admin key set."""
-        return await start_server(self, args=args, env=ADMIN_ENV)
+        """A server with the admin key set, shared by the class's tests (tests.class_servers)."""
+        return await class_server(self, args=args, env=ADMIN_ENV)
 
     async def stats(self, server: ServerProcess) -> Dict[str, Any]:
         """GET /admin/stats (200)."""
@@ -273,7 +274,7 @@ class AdminRouteTests(_Base):
 
     async def test_stats_counts_devices_and_events(self) -> None:
         """Stats show this node's sockets and online devices and the number of stored events."""
-        server = await self.server()
+        server = await start_server(self, env=ADMIN_ENV)  # node totals: a server of its own
         empty = await self.stats(server)
         health = (await admin_client(server).get("/health")).json
         self.assertEqual(empty, {"nodes": [{"node_id": health["node_id"], "connections": 0, "devices_online": 0}],

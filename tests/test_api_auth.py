@@ -22,7 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from pocketbridge.server.api.auth import parse_authorization, signed_message
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse, authorization
-from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
+from tests.class_servers import class_server
+from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -188,7 +189,7 @@ class SignedRequestTests(_Base):
 
     async def server(self) -> ServerProcess:
         """A server with the admin key set."""
-        return await start_server(self, env=ADMIN_ENV)
+        return await class_server(self, env=ADMIN_ENV)
 
     def assertAuthInvalid(self, response: RestResponse) -> None:
         """The §2 error of a failed PB-Ed25519 check."""
@@ -323,7 +324,7 @@ class LegacyHeaderTests(_Base):
 
     async def test_x_user_id_refused_without_flag(self) -> None:
         """Without --legacy-clients, X-User-ID on a legacy route gets 401 AUTH_REQUIRED."""
-        server = await start_server(self)
+        server = await class_server(self)
         identity, device_id = await register_device(server)
         response = await RestClient(reactor, server.http_url).get(
             "/api/devices", headers={"X-User-ID": identity.user_id, "X-Device-ID": device_id})
@@ -331,7 +332,7 @@ class LegacyHeaderTests(_Base):
 
     async def test_x_user_id_accepted_on_legacy_route_with_flag(self) -> None:
         """With --legacy-clients, X-User-ID authorises GET /api/devices for that user."""
-        server = await start_server(self, args=["--legacy-clients"])
+        server = await class_server(self, args=["--legacy-clients"])
         identity, _ = await register_device(server)
         response = await RestClient(reactor, server.http_url).get("/api/devices",
                                                                  headers={"X-User-ID": identity.user_id})
@@ -340,7 +341,7 @@ class LegacyHeaderTests(_Base):
 
     async def test_x_user_id_refused_on_other_routes_with_flag(self) -> None:
         """With --legacy-clients, X-User-ID on a route outside the legacy table still gets 401 AUTH_REQUIRED."""
-        server = await start_server(self, args=["--legacy-clients"])
+        server = await class_server(self, args=["--legacy-clients"])
         identity, device_id = await register_device(server)
         client = RestClient(reactor, server.http_url)
         for path in ("/api/events", "/api/presence", "/api/devices/" + device_id, "/api/connection-status"):
@@ -349,7 +350,7 @@ class LegacyHeaderTests(_Base):
 
     async def test_signed_header_wins_over_x_user_id(self) -> None:
         """With PB-Ed25519 present X-User-ID is ignored: the signer is the caller, and a bad signature is not rescued."""
-        server = await start_server(self, args=["--legacy-clients"])
+        server = await class_server(self, args=["--legacy-clients"])
         rest = await signed_client(server)
         other, _ = await register_device(server)
         response = await rest.get("/api/devices", headers={"X-User-ID": other.user_id})

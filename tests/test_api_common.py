@@ -24,6 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
+from tests.class_servers import class_server
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, free_port, start_server
 from tests.test_api_auth import ADMIN_ENV, admin_headers, signed_client
 
@@ -79,14 +80,14 @@ class CommonHeaderTests(_Base):
 
     async def test_valid_request_id_echoed(self) -> None:
         """An X-Request-ID of up to 64 allowed characters comes back unchanged."""
-        server = await start_server(self)
+        server = await class_server(self)
         for rid in ("abc", "A.b-c_9", "x" * 64):
             response = await anonymous(server).get("/health", headers={"X-Request-ID": rid})
             self.assertEqual(response.header("X-Request-ID"), rid)
 
     async def test_invalid_request_id_replaced(self) -> None:
         """An X-Request-ID that is too long or has other characters is replaced by a fresh valid one."""
-        server = await start_server(self)
+        server = await class_server(self)
         for rid in ("x" * 65, "has space", "semi;colon", "ünï"):
             response = await anonymous(server).get("/health", headers={"X-Request-ID": rid})
             got = response.header("X-Request-ID")
@@ -97,7 +98,7 @@ class CommonHeaderTests(_Base):
 
     async def test_request_id_generated_when_absent(self) -> None:
         """Without X-Request-ID each response carries a new one."""
-        server = await start_server(self)
+        server = await class_server(self)
         a = (await anonymous(server).get("/health")).header("X-Request-ID")
         b = (await anonymous(server).get("/health")).header("X-Request-ID")
         assert a is not None and b is not None
@@ -106,7 +107,7 @@ class CommonHeaderTests(_Base):
 
     async def test_security_headers_on_success_and_errors(self) -> None:
         """200, 401, 404 and 405 responses all carry the security headers and a request id."""
-        server = await start_server(self)
+        server = await class_server(self)
         client = anonymous(server)
         responses = [
             await client.get("/health"),
@@ -123,7 +124,7 @@ class CommonHeaderTests(_Base):
 
     async def test_hsts_only_over_tls(self) -> None:
         """HSTS is sent when a trusted proxy says the request came over HTTPS, and not otherwise."""
-        server = await start_server(self, args=["--trusted-proxies", "127.0.0.1"])
+        server = await class_server(self, args=["--trusted-proxies", "127.0.0.1"])
         client = anonymous(server)
         tls = await client.get("/health", headers={"X-Forwarded-Proto": "https"})
         self.assertEqual(tls.header("Strict-Transport-Security"), "max-age=31536000")
@@ -135,7 +136,7 @@ class CommonHeaderTests(_Base):
 
     async def test_forwarded_proto_from_untrusted_peer_ignored(self) -> None:
         """X-Forwarded-Proto: https from a peer that is not a trusted proxy does not turn on HSTS."""
-        server = await start_server(self)
+        server = await class_server(self)
         response = await anonymous(server).get("/health", headers={"X-Forwarded-Proto": "https"})
         self.assertIsNone(response.header("Strict-Transport-Security"))
 
@@ -150,7 +151,7 @@ class CorsTests(_Base):
 
     async def test_no_cors_when_unset(self) -> None:
         """Without CORS_ORIGIN no response carries CORS headers, preflight included."""
-        server = await start_server(self)
+        server = await class_server(self)
         client = anonymous(server)
         self.assertNoCors(await client.get("/health", headers={"Origin": APP}))
         preflight = await client.request("OPTIONS", "/api/devices", headers={
@@ -159,7 +160,7 @@ class CorsTests(_Base):
 
     async def test_allowed_origin_reflected(self) -> None:
         """An allowed origin is reflected with Vary and Expose-Headers, on success and on errors, never with credentials."""
-        server = await start_server(self, env={"CORS_ORIGIN": "{}, {}".format(OTHER_APP, APP)})
+        server = await class_server(self, env={"CORS_ORIGIN": "{}, {}".format(OTHER_APP, APP)})
         client = anonymous(server)
         for response in (await client.get("/health", headers={"Origin": APP}),
                          await client.get("/api/devices", headers={"Origin": APP})):
@@ -170,7 +171,7 @@ class CorsTests(_Base):
 
     async def test_disallowed_origin_gets_nothing(self) -> None:
         """An origin not in CORS_ORIGIN gets no CORS headers, on requests and preflights."""
-        server = await start_server(self, env={"CORS_ORIGIN": APP})
+        server = await class_server(self, env={"CORS_ORIGIN": APP})
         client = anonymous(server)
         self.assertNoCors(await client.get("/health", headers={"Origin": OTHER_APP}))
         self.assertNoCors(await client.request("OPTIONS", "/api/devices", headers={
@@ -178,7 +179,7 @@ class CorsTests(_Base):
 
     async def test_star_allows_any_origin(self) -> None:
         """CORS_ORIGIN=* reflects whatever origin asks (not a literal *)."""
-        server = await start_server(self, env={"CORS_ORIGIN": "*"})
+        server = await class_server(self, env={"CORS_ORIGIN": "*"})
         for origin in (APP, "http://localhost:5173"):
             response = await anonymous(server).get("/health", headers={"Origin": origin})
             self.assertEqual(response.header("Access-Control-Allow-Origin"), origin)
@@ -186,7 +187,7 @@ class CorsTests(_Base):
 
     async def test_preflight(self) -> None:
         """A preflight from an allowed origin answers 204 with the methods, headers and max-age."""
-        server = await start_server(self, env={"CORS_ORIGIN": APP})
+        server = await class_server(self, env={"CORS_ORIGIN": APP})
         for path in ("/api/devices", "/api/devices/{}/rename".format(uuid.uuid4()), "/admin/stats"):
             response = await anonymous(server).request("OPTIONS", path, headers={
                 "Origin": APP, "Access-Control-Request-Method": "POST",
@@ -207,7 +208,7 @@ class ErrorTests(_Base):
 
     async def test_unknown_route_404_json(self) -> None:
         """An unknown path gets 404 with the JSON error body."""
-        server = await start_server(self)
+        server = await class_server(self)
         for path in ("/api/nope", "/api/v1/nope", "/nope", "/admin/nope"):
             response = await anonymous(server).get(path)
             self.assertEqual(response.status, 404, path)
@@ -216,7 +217,7 @@ class ErrorTests(_Base):
 
     async def test_wrong_method_405_with_allow(self) -> None:
         """A known path with another method gets 405 METHOD_NOT_ALLOWED and Allow listing its methods."""
-        server = await start_server(self)
+        server = await class_server(self)
         client = anonymous(server)
         health = await client.request("DELETE", "/health")
         self.assertEqual((health.status, health.json["code"]), (405, "METHOD_NOT_ALLOWED"))
@@ -229,7 +230,7 @@ class ErrorTests(_Base):
 
     async def test_payload_too_large_by_content_length(self) -> None:
         """A Content-Length over 64 KiB gets 413 at once, without the body being sent, and the connection is closed."""
-        server = await start_server(self)
+        server = await class_server(self)
         request = (
             "POST /api/devices/{}/rename HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n".format(uuid.uuid4(), 64 * KIB + 1)
@@ -242,7 +243,7 @@ class ErrorTests(_Base):
 
     async def test_payload_too_large_chunked(self) -> None:
         """A chunked body gets 413 as soon as it passes 64 KiB, and the connection is closed."""
-        server = await start_server(self)
+        server = await class_server(self)
         head = (
             "POST /api/devices/{}/rename HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".format(uuid.uuid4())
@@ -255,7 +256,7 @@ class ErrorTests(_Base):
 
     async def test_body_of_64_kib_accepted(self) -> None:
         """A body of exactly 64 KiB is read and handled (here: refused 401 for lack of credentials, not 413)."""
-        server = await start_server(self)
+        server = await class_server(self)
         body = b" " * (64 * KIB - 2) + b"{}"
         response = await anonymous(server).request("POST", "/api/devices/{}/rename".format(uuid.uuid4()),
                                                    raw_body=body)
@@ -286,7 +287,7 @@ class BadJsonTests(_Base):
 
     async def test_bad_json_bodies(self) -> None:
         """Invalid JSON, NaN/Infinity, nesting deeper than 64 and a lone surrogate get 400 BAD_JSON."""
-        server = await start_server(self)
+        server = await class_server(self)
         rest = await signed_client(server)
         path = "/api/devices/{}/rename".format(rest.device_id)
         bodies = [
@@ -309,7 +310,7 @@ class BadJsonTests(_Base):
 
     async def test_body_not_an_object(self) -> None:
         """A JSON body that is not an object gets 400 VALIDATION_ERROR with field body."""
-        server = await start_server(self)
+        server = await class_server(self)
         rest = await signed_client(server)
         response = await rest.request("POST", "/api/devices/{}/rename".format(rest.device_id), raw_body=b"[1]")
         self.assertEqual(response.json, {"error": response.json["error"], "code": "VALIDATION_ERROR", "field": "body"})
@@ -320,7 +321,7 @@ class HealthTests(_Base):
 
     async def test_health_shape(self) -> None:
         """/health answers 200 with status, version, node id, uptime and services; /api/health and /api/v1/health too."""
-        server = await start_server(self)
+        server = await class_server(self)
         bodies = []
         for path in ("/health", "/api/health", "/api/v1/health"):
             response = await anonymous(server).get(path)

@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
+from tests.class_servers import class_server
 from tests.harness import (
     PostgresMixin,
     ServerProcess,
@@ -88,10 +89,17 @@ class _DeviceTestBase(_Base):
 
     backend: str
     server_args: Sequence[str] = ()
+    # One server for the class's tests (tests.class_servers); a class whose
+    # tests poll the REST API in loops sets False: they would share the
+    # per-IP request budget.
+    share_server = True
 
     async def start(self, args: Optional[Sequence[str]] = None) -> ServerProcess:
-        """A healthy server on this class's backend, stopped after the test."""
-        return await start_server(self, args=self.server_args if args is None else args)
+        """A healthy server on this class's backend (see ``share_server``)."""
+        args = self.server_args if args is None else args
+        if self.share_server:
+            return await class_server(self, args=args)
+        return await start_server(self, args=args)
 
     async def online(self, server: ServerProcess, identity: Identity, **kwargs: Any) -> Client:
         """A connected (registered) device of ``identity``, closed after the test."""
@@ -290,6 +298,8 @@ class DeviceReadTests(_DeviceTestBase):
 
 class RenameTests(_DeviceTestBase):
     """POST /api/devices/{id}/rename."""
+
+    share_server = False
 
     async def test_rename_trims_and_accepts_unicode_letters_and_numbers(self) -> None:
         """A valid name is trimmed, stored and listed; letters and numbers of any script, spaces, '-' and '_' are allowed, 50 code points at most."""
@@ -573,6 +583,8 @@ class NoLegacyTests(_DeviceTestBase):
 
 class LiveStatusTests(_DeviceTestBase):
     """GET /api/connection-status and GET /api/presence."""
+
+    share_server = False
 
     async def test_connection_status_counts_sockets(self) -> None:
         """connection-status counts a device's sockets with connected_since = the earliest authentication, and reports it disconnected once they close."""

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, DeviceKeys
+from tests.class_servers import class_server
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, free_port, start_server
 
 if TYPE_CHECKING:
@@ -289,7 +290,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_default_key_path_and_url_from_environment(self) -> None:
         """Without --keys the key file lives under $XDG_CONFIG_HOME/pocketbridge, and POCKETBRIDGE_URL (a ws:// URL) stands in for --url."""
-        server = await start_server(self)
+        server = await class_server(self)
         await self.ok("keygen")
         self.assertTrue(os.path.exists(os.path.join(self.home(), "pocketbridge", "device.json")))
         result = await self.cli("devices", env=self.cli_env(server.ws_url))
@@ -299,7 +300,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_watch_count_leaves_later_events_for_the_next_watch(self) -> None:
         """watch --count 2 prints the first two of three waiting events; the next watch prints the third and nothing twice."""
-        server = await start_server(self)
+        server = await class_server(self)
         a, b = await self.two_devices(server)
         for text in (b"one", b"two", b"three"):
             await self.ok("send", "--url", server.http_url, "--keys", a, "--stream", STREAM, "--type", TYPE, stdin=text)
@@ -311,7 +312,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_watch_shows_undecryptable_events_and_goes_on(self) -> None:
         """An event another client sent without the payload key is shown as <not decryptable> (JSON: decrypted false) and the next event still prints."""
-        server = await start_server(self)
+        server = await class_server(self)
         a, b = await self.two_devices(server)
         other = DeviceKeys.load(a).for_new_device("Old client")
         client = Client.for_device(reactor, server.ws_url, other)
@@ -338,7 +339,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_status_reports_health_and_this_device(self) -> None:
         """status prints health ok, this device's ids, the pinned server key and the connection and presence counts."""
-        server = await start_server(self)
+        server = await class_server(self)
         a, b = await self.two_devices(server)
         for path in (a, b):  # both register (one handshake each) and disconnect
             await self.ok("send", "--url", server.http_url, "--keys", path, "--stream", STREAM, "--type", TYPE,
@@ -376,7 +377,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_revoke_refuses_this_device_without_self(self) -> None:
         """revoke of the current device is refused (exit 2) without --self and the device keeps working; with --self it is signed out."""
-        server = await start_server(self)
+        server = await class_server(self)
         a, _ = await self.two_devices(server)
         this = DeviceKeys.load(a).device_id
         refused = await self.cli("revoke", this, "--url", server.http_url, "--keys", a)
@@ -405,7 +406,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_pair_new_asks_on_a_terminal(self) -> None:
         """On a terminal pair new asks whether both devices show the verification string: "n" sends nothing (the new device writes no key file), "y" pairs."""
-        server = await start_server(self)
+        server = await class_server(self)
         a = self.path("a.json")
         await self.ok("keygen", "--keys", a)
         for answer in ("n", "y"):
@@ -470,7 +471,7 @@ class CliTests(CliTestMixin, SQLiteMixin, TestCase):
 
     async def test_watch_and_send_share_a_key_file(self) -> None:
         """A send on the device while its watch runs keeps its reserved device_seq in the key file when the watch later saves its resume point."""
-        server = await start_server(self)
+        server = await class_server(self)
         a, b = await self.two_devices(server)
         watching = self.start_cli("watch", "--url", server.http_url, "--keys", a)
         await self.ok("send", "--url", server.http_url, "--keys", a, "--stream", STREAM, "--type", TYPE, stdin=b"A")

@@ -34,6 +34,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import Client, ConnectionClosed, Identity, RawConnection
+from tests.class_servers import class_server
 from tests.harness import ExitResult, PostgresMixin, ServerProcess, SQLiteMixin, drop_connection, make_server, start_server
 
 DAY_MS = 86_400_000
@@ -141,9 +142,15 @@ class ConnectionTestMixin(_TestCaseBase):
     """Connecting, waiting and asserting, shared by every class below (mixed into a TestCase)."""
 
     backend: str
+    # True: the class's tests share one server (tests.class_servers); only
+    # for tests that use their own identities and spend little of the
+    # per-IP connection and handshake-failure budgets.
+    share_server = False
 
     async def server(self, *args: str, env: Optional[Dict[str, str]] = None) -> ServerProcess:
-        """A healthy server on this class's backend with the given options."""
+        """A healthy server on this class's backend with the given options (see ``share_server``)."""
+        if self.share_server:
+            return await class_server(self, args=list(args), env=env)
         return await start_server(self, args=list(args), env=env)
 
     async def open_raw(self, server: ServerProcess) -> RawConnection:
@@ -256,6 +263,8 @@ class ConnectionTestMixin(_TestCaseBase):
 
 class HandshakeTests(ConnectionTestMixin):
     """The v1 handshake as old clients see it (§2, §4)."""
+
+    share_server = True
 
     async def test_server_hello_is_enveloped_and_signed(self) -> None:
         """server_hello is {type, payload} with type repeated inside, protocol_version 1, a valid v1 signature and a fresh key per connection."""
@@ -470,6 +479,8 @@ class HandshakeRefusalTestsPostgres(HandshakeRefusalTests, PostgresMixin, TestCa
 class MalformedMessageTests(ConnectionTestMixin):
     """A frame that is not a JSON object with a string type closes only its own socket (§4.3, §8)."""
 
+    share_server = True
+
     async def test_malformed_after_auth_closes_only_that_socket(self) -> None:
         """Invalid JSON after authentication closes 1008 'Invalid message format'; another client of the user keeps syncing."""
         server = await self.server()
@@ -603,6 +614,8 @@ class MessageSizeTestsPostgres(MessageSizeTests, PostgresMixin, TestCase):
 
 class PreAuthBudgetTests(ConnectionTestMixin):
     """v1 clients flush queued acks right after client_hello; 8 are tolerated, the 9th closes (§4.3)."""
+
+    share_server = True
 
     async def test_eight_early_acks_are_ignored(self) -> None:
         """Eight ack frames sent right after client_hello are ignored and the handshake completes."""

@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from pocketbridge.client import OMIT, Client, Identity
+from tests.class_servers import class_server
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
 
 if TYPE_CHECKING:
@@ -93,8 +94,11 @@ class V1EventTests(_Base):
     # ------------------------------------------------------------ helpers
 
     async def start(self, args: Sequence[str] = ()) -> ServerProcess:
-        """A healthy server on this class's backend, stopped after the test."""
-        return await start_server(self, args=args)
+        """A healthy server on this class's backend, shared with the class's other tests (tests.class_servers).
+
+        A test that kills or restarts the server uses ``start_server``.
+        """
+        return await class_server(self, args=args)
 
     def device(self, server: ServerProcess, identity: Identity, **kwargs: Any) -> Client:
         """A (not yet connected) client of ``identity``, closed after the test."""
@@ -595,7 +599,7 @@ class V1EventTests(_Base):
 
     async def test_acked_events_survive_kill9(self) -> None:
         """After SIGKILL and a restart every acked event is still there, in order, and the sender's last_ack_device_seq is its last acked device_seq."""
-        server = await self.start()
+        server = await start_server(self)
         user = Identity.generate()
         a = await self.online(server, user)
         acks = await gatherResults(

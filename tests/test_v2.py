@@ -43,6 +43,7 @@ from pocketbridge.client import (
     server_address,
 )
 from pocketbridge.client.handshake import envelope_payload
+from tests.class_servers import class_server
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, drop_connection, start_server
 
 if TYPE_CHECKING:
@@ -107,8 +108,11 @@ class V2Tests(_Base):
     # ------------------------------------------------------------ helpers
 
     async def start(self, args: Sequence[str] = ()) -> ServerProcess:
-        """A healthy server on this class's backend, stopped after the test."""
-        return await start_server(self, args=args)
+        """A healthy server on this class's backend, shared with the class's other tests (tests.class_servers).
+
+        A test that restarts the server or changes its configuration uses ``start_server``.
+        """
+        return await class_server(self, args=args)
 
     def device(self, server: ServerProcess, identity: Identity, version: int = 2, **kwargs: Any) -> Client:
         """A (not yet connected) client of ``identity``, dropped after the test."""
@@ -306,7 +310,7 @@ class V2Tests(_Base):
 
     async def test_server_key_pinned_in_the_key_file(self) -> None:
         """The first v2 connection pins the server key in the device file; after the server key changes, connecting fails with ServerKeyChanged until server_key= accepts the new key."""
-        server = await self.start()
+        server = await start_server(self)
         path = os.path.join(os.path.abspath(self.mktemp()), "device.json")
         keys = DeviceKeys.generate(device_name="laptop")
         keys.save(path)
@@ -434,7 +438,7 @@ class V2Tests(_Base):
 
     async def test_acked_events_survive_a_server_crash_and_resume_delivers_the_rest(self) -> None:
         """After kill -9 and a restart every acked upload is stored, an ack given before a clean disconnect holds, and a device that crashed with the server still gets everything (at least once, in seq order)."""
-        server = await self.start()
+        server = await start_server(self)
         user = Identity.generate()
         a = await self.online(server, user)
         acks = await self.upload(a, 40)
@@ -645,7 +649,7 @@ class V2Tests(_Base):
 
     async def test_resync_required_after_the_retention_job(self) -> None:
         """Once the retention job purged a user's events, a device with an old cursor gets resync_required {retention, oldest_seq} and then caught_up."""
-        server = await self.start()
+        server = await start_server(self)
         user = Identity.generate()
         a = await self.online(server, user)
         await self.upload(a, 5)
