@@ -1,7 +1,8 @@
 """
 The REST plumbing shared by every route (API.md §2): JSON errors, request ids,
-security headers, CORS, the per-IP request budget, body limits, and the
-``Api.route`` decorator that puts a handler behind all of that.
+security headers, CORS, the per-IP request budget, body parsing, and the
+``Api.route`` decorator that puts a handler behind all of that. The body-size
+limit and the log redaction of request targets are in ``api/request.py``.
 
 Every answer of the Klein app goes through ``Api._guard``: the routes, the
 router's own refusals (unknown path, wrong method; the router never
@@ -20,12 +21,22 @@ import orjson
 from klein.resource import KleinResource
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from pocketbridge.server import metrics
 
 from pocketbridge.protocol import wire
+from pocketbridge.server.api.request import (
+    CODE_LIKE_RE,
+    LOGGABLE_QUERY,
+    LOGGABLE_VALUE_RE,
+    MAX_BODY,
+    PAIRING_PATH_RE,
+    LimitedRequest,
+    redact_path,
+    redact_target,
+)
 from pocketbridge.server.storage import StorageUnavailable
 
 if TYPE_CHECKING:
@@ -36,15 +47,16 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_BODY = 64 * 1024
+# The body limit and log redaction live in ``request``; callers keep importing them from here.
+__all__ = [
+    "CODE_LIKE_RE", "CORS_HEADERS", "CORS_METHODS", "LOGGABLE_QUERY", "LOGGABLE_VALUE_RE", "MAX_BODY",
+    "PAIRING_PATH_RE", "REQUEST_ID_RE", "Api", "ApiError", "ApiResource", "LimitedRequest", "Raw", "body_object",
+    "parse_body", "query_arg", "query_int", "redact_path", "redact_target",
+]
+
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 CORS_METHODS = b"GET, POST, PUT, DELETE"
 CORS_HEADERS = b"Authorization, Content-Type, X-User-ID, X-Device-ID, X-Request-ID"
-PAIRING_PATH_RE = re.compile(r"^(/+api(?:/+v1)?/+pairing/+(?:lookup|v2))/+[^/?]+", re.IGNORECASE)
-CODE_LIKE_RE = re.compile(r"(?<![0-9A-Za-z])[0-9]{6}(?![0-9A-Za-z])")
-# Query parameters whose values may appear in logs: small integers and flags, never secrets.
-LOGGABLE_QUERY = frozenset({"wait", "limit", "after_seq", "include_revoked"})
-LOGGABLE_VALUE_RE = re.compile(r"^[0-9A-Za-z]{0,18}\Z")
 
 
 class Raw:
@@ -66,85 +78,6 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers or {}
-
-
-def redact_path(path: str) -> str:
-    """The request path with pairing codes (and anything shaped like one) replaced by ``******`` (for logs)."""
-    return CODE_LIKE_RE.sub("******", PAIRING_PATH_RE.sub(r"\1/******", path))
-
-
-def redact_target(target: str) -> str:
-    """
-    A request target as logs may show it: ``redact_path`` of the path, and
-    in the query string every value (and every name) masked as ``***``
-    except the values of ``LOGGABLE_QUERY`` (secrets such as the v2
-    ``token`` never reach a log line).
-    """
-    path, sep, query = target.partition("?")
-    out = redact_path(path)
-    if not sep:
-        return out
-    parts = []
-    for item in query.split("&"):
-        name, eq, value = item.partition("=")
-        if name not in LOGGABLE_QUERY:
-            parts.append("***")
-        elif eq and not LOGGABLE_VALUE_RE.match(value):
-            parts.append(name + "=***")
-        else:
-            parts.append(item)
-    return out + "?" + "&".join(parts)
-
-
-class LimitedRequest(Request):
-    """
-    A Request that refuses bodies over 64 KiB with 413 before reading them:
-    from Content-Length at once, and for chunked bodies as soon as the limit is
-    passed (then the connection is closed).
-    """
-
-    max_body = MAX_BODY
-    _too_large = False
-    _body_seen = 0
-
-    def gotLength(self, length: Optional[int]) -> None:
-        if length is not None and length > self.max_body:
-            self._refuse()
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
-        self._body_seen += len(data)
-        if self._body_seen > self.max_body:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._too_large:
-            return
-        super().requestReceived(command, path, version)
-
-    def _refuse(self) -> None:
-        self._too_large = True
-        metrics.HTTP_REQUESTS.labels(route="(body)", status="413").inc()
-        body = orjson.dumps({"error": "Request body larger than 64 KiB", "code": "PAYLOAD_TOO_LARGE"})
-        rid = uuid.uuid4().hex
-        head = (
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json; charset=utf-8\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-            b"X-Request-ID: " + rid.encode() + b"\r\n"
-            b"X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\n"
-            b"Referrer-Policy: no-referrer\r\nCache-Control: no-store\r\n"
-            b"Connection: close\r\n\r\n"
-        )
-        transport = self.channel.transport
-        if transport is not None:
-            transport.write(head + body)
-            transport.loseConnection()
 
 
 def _origin_allowed(origins: Tuple[str, ...], origin: Optional[str]) -> bool:

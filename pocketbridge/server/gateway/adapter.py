@@ -29,6 +29,7 @@ from pocketbridge.server.gateway.inbound import WS_PING, WS_PONG
 from pocketbridge.server.gateway.session import Session
 from pocketbridge.server.gateway.admission import FailureToken, admit, check_upgrade, client_ip, depart
 from pocketbridge.server.gateway.options import with_factory_options
+from pocketbridge.server.gateway.ports import _Conn, _Gate
 from pocketbridge.server.storage import StorageUnavailable
 from pocketbridge.protocol.wire import Malformed, ProtocolError
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-__all__ = ["GatewayProtocol", "client_ip", "make_factory"]
+__all__ = ["GatewayProtocol", "_Conn", "client_ip", "make_factory"]  # _Conn: tests build Sessions with it
 
 
 # Autobahn's own two bases annotate ``peer`` and ``_transport_details``
@@ -387,57 +388,6 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
             metrics.CONNECTIONS.labels(state="authenticated").dec()
         if self.session is not None:
             depart(node, self.session, self.session_id)
-
-
-class _Conn:
-    """The ``Conn`` a Session uses, backed by the Autobahn protocol."""
-
-    __slots__ = ("proto",)
-
-    def __init__(self, proto: GatewayProtocol) -> None:
-        self.proto = proto
-
-    def send(self, data: bytes) -> None:
-        self.proto.send_frame(data)
-
-    def close(self, code: int, reason: str) -> None:
-        self.proto.close(code, reason)
-
-    def pause_reading(self) -> None:
-        self.proto._apply_hold()  # the session set its reading_paused
-
-    def resume_reading(self) -> None:
-        self.proto._apply_hold()
-
-    def send_pong(self, payload: bytes) -> None:
-        self.proto.send_pong(payload)
-
-    def pong_received(self) -> None:
-        self.proto.pong_received()
-
-
-class _Gate:
-    """The ``Gate`` admission uses, backed by the Autobahn protocol."""
-
-    __slots__ = ("proto",)
-
-    def __init__(self, proto: GatewayProtocol) -> None:
-        self.proto = proto
-
-    def ended(self) -> bool:
-        return self.proto.machine.ended or self.proto.state != self.proto.STATE_OPEN
-
-    def fail(self, error: ProtocolError, result: str) -> None:
-        self.proto._handshake_failed(error.code, error.reason, result)
-
-    def close(self, error: ProtocolError) -> None:
-        self.proto.close(error.code, error.reason)
-
-    def attached(self, session: Session) -> None:
-        self.proto._attached(session)
-
-    def established(self, session: Session, frame: bytes, age: float, expires_at: int) -> None:
-        self.proto._established(session, frame, age, expires_at)
 
 
 def make_factory(node: "Node") -> WebSocketServerFactory:
