@@ -20,25 +20,27 @@ died is replaced.
 
 A test may not stop, restart or reconfigure a class server, nor assert on
 state shared by every client of the node (totals, per-IP budgets, "nothing
-was logged"): such a test uses ``start_server``.
+was logged"): such a test uses ``start_server``. Pairing codes are shared
+too: tests on one class server pick theirs with ``unique_code()``.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 from collections import OrderedDict
-from typing import Hashable, Iterable, List, Mapping, Optional, Tuple
+from typing import Hashable, Iterable, List, Mapping, Optional, Set, Tuple
 
 from twisted.trial.unittest import TestCase
 
 from tests.harness import STOP_TIMEOUT, ServerProcess, _delete_redis_keys, release_port
 from tests.services import PostgresDatabase, redis_url, require_postgres, require_redis
 
-__all__ = ["KEEP", "class_server"]
+__all__ = ["KEEP", "class_server", "unique_code"]
 
 KEEP = 3  # configurations kept alive per process; a class rarely uses more than two
 
@@ -142,6 +144,23 @@ def _start_config(backend: str, args: List[str], env: Mapping[str, str], redis: 
     database = PostgresDatabase() if backend == "postgresql" else None
     server = ServerProcess(database_url=database.url if database else None, args=extra + args, env=env)
     return _ClassServer(server, database, prefix)
+
+
+_issued_codes: Set[str] = set()
+
+
+def unique_code() -> str:
+    """
+    Six random digits no earlier call in this process returned. Tests that
+    share a class server share its pairing namespace: a code one test
+    stored is still live when the next test runs, so each test must pick a
+    code (or a deliberately wrong one) no other test picked.
+    """
+    while True:
+        code = "{:06d}".format(secrets.randbelow(1_000_000))
+        if code not in _issued_codes:
+            _issued_codes.add(code)
+            return code
 
 
 def running_class_servers() -> Tuple[ServerProcess, ...]:

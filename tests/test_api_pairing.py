@@ -29,6 +29,7 @@ from pocketbridge.server.api.pairing import RecordSealer
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
 from pocketbridge.server.cluster.limits import LocalLimits
+from tests.class_servers import class_server, unique_code
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, create_database, start_server
 
 if TYPE_CHECKING:
@@ -39,6 +40,11 @@ else:
 TIMEOUT = 10.0
 NOT_FOUND_BODY = {"error": "Pairing code not found or expired", "code": "NOT_FOUND"}
 ISO_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+# The server shared by the tests of a class that neither spend nor measure a
+# failure budget: budgets large enough that the failures of all of them
+# together (a wrong token, a 404 after a redemption) never refuse a request.
+SHARED_ARGS = ("--pairing-failures-per-ip", "1000000", "--pairing-failures-global", "1000000",
+               "--rest-requests-per-minute", "1000000")
 
 
 def now_ms() -> int:
@@ -60,8 +66,8 @@ def sleep(seconds: float) -> "Deferred[None]":
 
 
 def fresh_code() -> str:
-    """A random 6-digit code."""
-    return "{:06d}".format(int.from_bytes(os.urandom(4), "big") % 1_000_000)
+    """A random 6-digit code no other test of this process got: tests sharing a server never collide."""
+    return unique_code()
 
 
 def secret_data(identity: Identity, marker: str) -> Dict[str, Any]:
@@ -82,6 +88,14 @@ class PairingIntegration(_Base):
     async def start(self, args: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> ServerProcess:
         """A healthy server on this class's backend."""
         return await start_server(self, args=args, env=env)
+
+    async def shared(self) -> ServerProcess:
+        """
+        The class's server (``SHARED_ARGS``), for a test that makes its own
+        users and codes and asserts nothing about node-wide state: one twistd
+        start for all of them instead of one each.
+        """
+        return await class_server(self, args=SHARED_ARGS)
 
     async def device(self, server: ServerProcess, identity: Optional[Identity] = None) -> Tuple[Client, RestClient]:
         """A connected device of ``identity`` (new user when None) and a REST client signing as it."""
@@ -106,7 +120,7 @@ class PairingIntegration(_Base):
 
     async def test_store_then_lookup_once(self) -> None:
         """A stored code answers its data exactly once, then 404 NOT_FOUND; the store answer has the v1 fields."""
-        server = await self.start()
+        server = await self.shared()
         _, rest = await self.device(server)
         code = fresh_code()
         data = secret_data(rest.identity, "k-" + uuid.uuid4().hex)
@@ -129,7 +143,7 @@ class PairingIntegration(_Base):
 
     async def test_v1_prefix_and_legacy_flag_off(self) -> None:
         """The routes answer under /api/v1 too; without --legacy-clients an X-User-ID store is 401 AUTH_REQUIRED."""
-        server = await self.start()
+        server = await self.shared()
         _, rest = await self.device(server)
         code = fresh_code()
         stored = await rest.post("/api/v1/pairing/store", {"code": code, "data": {"a": 1}})
@@ -142,7 +156,7 @@ class PairingIntegration(_Base):
 
     async def test_concurrent_lookups_redeem_once(self) -> None:
         """Of several simultaneous lookups of one code exactly one gets the data; the others get 404."""
-        server = await self.start()
+        server = await self.shared()
         _, rest = await self.device(server)
         for _ in range(3):
             code = fresh_code()
@@ -168,7 +182,7 @@ class PairingIntegration(_Base):
 
     async def test_active_code_conflicts(self) -> None:
         """Storing a live code answers 409 CONFLICT, whether the caller or another user holds it; the holder's data is kept."""
-        server = await self.start()
+        server = await self.shared()
         _, alice = await self.device(server)
         _, bob = await self.device(server)
         code = fresh_code()
@@ -200,7 +214,7 @@ class PairingIntegration(_Base):
 
     async def test_user_id_must_be_the_caller(self) -> None:
         """data.userId naming someone else (or not a string) is 403 FORBIDDEN; the caller's own id in any case is fine."""
-        server = await self.start()
+        server = await self.shared()
         _, rest = await self.device(server)
         other = Identity.generate().user_id
         for bad in (other, None, 5):
@@ -211,7 +225,7 @@ class PairingIntegration(_Base):
 
     async def test_malformed_requests(self) -> None:
         """Codes other than six ASCII digits, non-object data and data over 16 KiB are 400 VALIDATION_ERROR with the field."""
-        server = await self.start(args=["--pairing-failures-per-ip", "100"])
+        server = await self.shared()
         _, rest = await self.device(server)
         for code in ("12345", "1234567", "12345a", 123456, None, "\u0661\u0662\u0663\u0664\u0665\u0666", "123456\n"):
             r = await rest.post("/api/pairing/store", {"code": code, "data": {}})
@@ -354,7 +368,7 @@ class PairingIntegration(_Base):
 
     async def test_pairing_complete_notice(self) -> None:
         """Redemption sends pairing_complete {type, code, timestamp} to the storing user's devices, and to no one else."""
-        server = await self.start()
+        server = await self.shared()
         owner, rest = await self.device(server)
         stranger, _ = await self.device(server)
         code = fresh_code()

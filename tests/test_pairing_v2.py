@@ -30,7 +30,6 @@ from pocketbridge.client.pairing import (
     PairingTimedOut,
     RateLimited,
     identity_bundle,
-    new_code,
     open_bundle,
     pair_join,
     pair_new,
@@ -38,6 +37,7 @@ from pocketbridge.client.pairing import (
 )
 from pocketbridge.client.payload import PayloadKey
 from pocketbridge.client.rest import RestClient, RestResponse
+from tests.class_servers import class_server, unique_code
 from tests.harness import PostgresMixin, ServerProcess, SQLiteMixin, start_server
 
 if TYPE_CHECKING:
@@ -47,6 +47,11 @@ else:
 
 TIMEOUT = 10.0
 MAILBOX = "/api/pairing/v2"
+# The server shared by the tests of a class that neither spend nor measure a
+# failure budget: budgets large enough that the failures of all of them
+# together (wrong tokens, mistyped codes) never refuse a request.
+SHARED_ARGS = ("--pairing-failures-per-ip", "1000000", "--pairing-failures-global", "1000000",
+               "--rest-requests-per-minute", "1000000")
 
 
 def sleep(seconds: float) -> "Deferred[None]":
@@ -55,9 +60,9 @@ def sleep(seconds: float) -> "Deferred[None]":
 
 
 def other_code(code: str) -> str:
-    """A valid code that is not ``code``."""
+    """A valid code that is not ``code``, nor any other code this process's tests chose."""
     while True:
-        candidate = new_code()
+        candidate = unique_code()
         if candidate != code:
             return candidate
 
@@ -70,6 +75,14 @@ class PairingV2Integration(_Base):
     async def start(self, args: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> ServerProcess:
         """A healthy server on this class's backend."""
         return await start_server(self, args=args, env=env)
+
+    async def shared(self) -> ServerProcess:
+        """
+        The class's server (``SHARED_ARGS``), for a test that makes its own
+        users and codes and asserts nothing about node-wide state: one twistd
+        start for all of them instead of one each.
+        """
+        return await class_server(self, args=SHARED_ARGS)
 
     async def device(self, server: ServerProcess, keys: Optional[DeviceKeys] = None) -> Tuple[Client, RestClient, DeviceKeys]:
         """A connected v2 device (a new user's unless ``keys``) and a REST client signing as it."""
@@ -86,7 +99,7 @@ class PairingV2Integration(_Base):
 
     async def open_mailbox(self, rest: RestClient, code: Optional[str] = None) -> Tuple[str, Pake]:
         """A opens a mailbox step by step: (code, A's PAKE)."""
-        code = code or new_code()
+        code = code or unique_code()
         pake = Pake("A", code)
         resp = await rest.post(MAILBOX, {"code": code, "msg_a": pake.message})
         self.assertEqual(resp.status, 201, resp)
@@ -123,7 +136,7 @@ class PairingV2Integration(_Base):
 
     async def test_full_pairing_with_the_sdk(self) -> None:
         """A and B show the same verification string, B gets the user identity and signs in as the user, A hears pairing_complete and device_paired."""
-        server = await self.start()
+        server = await self.shared()
         a_client, a_rest, a_keys = await self.device(server)
         mark = len(a_client.messages)
         shown: Dict[str, str] = {}
@@ -217,7 +230,7 @@ class PairingV2Integration(_Base):
 
     async def test_second_join_burns_the_mailbox(self) -> None:
         """A second join answers 410; then A's GET, A's PUT and B's fetch all answer 410, and both SDK sides raise PairingBurned."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
         answers: Dict[str, Any] = {}
         joined: List["Deferred[Tuple[DeviceKeys, str]]"] = []
@@ -245,7 +258,7 @@ class PairingV2Integration(_Base):
 
     async def test_long_poll_waits_then_wakes_on_join(self) -> None:
         """A's GET with wait=2 answers 204 after about 2 s; with wait=20 it answers 200 {msg_b} soon after B joins."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, _ = await self.device(server)
         code, _ = await self.open_mailbox(a_rest)
         path = "{}/{}".format(MAILBOX, code)
@@ -271,7 +284,7 @@ class PairingV2Integration(_Base):
 
     async def test_sealed_fetch_checks_the_token(self) -> None:
         """A wrong or malformed token answers 404 without spending the bundle; the right token then gets it once, then 404."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
         code, a_pake = await self.open_mailbox(a_rest)
         joined, b_pake = await self.join(server, code)
@@ -300,7 +313,7 @@ class PairingV2Integration(_Base):
 
     async def test_put_sealed_before_join_or_twice_conflicts(self) -> None:
         """PUT sealed before B joined answers 409 CONFLICT; after the join 204; a second PUT 409."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, _ = await self.device(server)
         code, _ = await self.open_mailbox(a_rest)
         put = "{}/{}/sealed".format(MAILBOX, code)
@@ -316,7 +329,7 @@ class PairingV2Integration(_Base):
 
     async def test_other_user_cannot_see_the_mailbox(self) -> None:
         """Another user's GET and PUT of A's mailbox answer 404 and change nothing; another device of A's user may GET it."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
         _, other_rest, _ = await self.device(server)
         code, _ = await self.open_mailbox(a_rest)
@@ -403,7 +416,7 @@ class PairingV2Integration(_Base):
 
     async def test_mistyped_code_fails_cleanly(self) -> None:
         """B with a mistyped code gets PairingExpired (a PairingFailed) at once; A, never joined, times out with PairingTimedOut."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
         shown: List[str] = []
         a_run = Deferred.fromCoroutine(pair_new(reactor, a_rest, a_keys, on_code=shown.append, timeout=3))
@@ -419,9 +432,9 @@ class PairingV2Integration(_Base):
 
     async def test_wrong_password_cannot_open_the_bundle(self) -> None:
         """A device that joins A's mailbox with a PAKE run on another code sees another verification string, and the bundle does not open: 'codes do not match'."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
-        code = new_code()
+        code = unique_code()
         shown: Dict[str, str] = {}
         a_run = Deferred.fromCoroutine(pair_new(
             reactor, a_rest, a_keys, code=code, on_verify=lambda v: shown.__setitem__("a", v), timeout=TIMEOUT))
@@ -439,7 +452,7 @@ class PairingV2Integration(_Base):
 
     async def test_refused_verification_sends_nothing(self) -> None:
         """When A's user refuses the verification string, pair_new raises PairingFailed and B never gets a bundle."""
-        server = await self.start()
+        server = await self.shared()
         _, a_rest, a_keys = await self.device(server)
         joined: List["Deferred[Tuple[DeviceKeys, str]]"] = []
 
