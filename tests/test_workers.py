@@ -164,6 +164,38 @@ class WorkersTests(TestCase):
                                     for _ in range(n)], consumeErrors=True)
         return {(client.identity.user_id, int(a["seq"])) for a in acks}
 
+    async def test_metrics_listen_is_served_by_the_supervisor_for_every_worker(self) -> None:
+        """With --metrics-listen, the supervisor answers /health (200: both workers alive) and /metrics with each worker's samples labelled worker="0" and worker="1"."""
+        import json
+
+        import treq
+
+        from tests.harness import free_port
+
+        port = free_port()
+        server = make_server(self, "postgresql", args=ARGS + ["--metrics-listen", "tcp:{}:interface=127.0.0.1".format(port)],
+                             redis=True)
+        await server.start(timeout=40)
+        base = "http://127.0.0.1:{}".format(port)
+
+        async def all_alive() -> bool:
+            try:
+                response = await treq.get(base + "/health", persistent=False)
+                body = await treq.content(response)
+            except Exception:
+                return False
+            return response.code == 200 and json.loads(body)["alive"] == 2
+
+        await wait_until(self, all_alive, "the supervisor's /health to see both workers", 40, interval=0.2)
+
+        async def both_labelled() -> bool:
+            response = await treq.get(base + "/metrics", persistent=False)
+            text = (await treq.content(response)).decode("utf-8")
+            return response.code == 200 and 'worker="0"' in text and 'worker="1"' in text \
+                and "pocketbridge_" in text
+
+        await wait_until(self, both_labelled, "/metrics to carry both workers' samples", 30, interval=0.2)
+
     # ---------------------------------------------------------------- (a)
 
     async def test_connections_land_on_both_workers_never_on_the_supervisor(self) -> None:

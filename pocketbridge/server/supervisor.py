@@ -200,8 +200,16 @@ class SupervisorService(Service):
         if self.settings.metrics_listen:
             from twisted.internet.endpoints import serverFromString
 
-            d = serverFromString(self.reactor, self.settings.metrics_listen).listen(
-                supervisor_site(self.reactor, self.settings, self.supervisor))
+            from pocketbridge.server.accept import Admission, AdmissionFactory
+
+            # The same accept-time bounds as a single node's --metrics-listen port:
+            # a small connection budget of its own, per-IP cap, head/body deadlines.
+            kind = self.settings.metrics_listen.split(":", 1)[0].lower()
+            admission = Admission.from_settings(self.reactor, self.settings,
+                                                max(4, self.settings.reserved_connections), reserved=0)
+            d = serverFromString(self.reactor, self.settings.metrics_listen).listen(AdmissionFactory(
+                supervisor_site(self.reactor, self.settings, self.supervisor), admission,
+                kind in ("tcp", "tcp6", "unix")))
             d.addCallbacks(self._metrics_listening,
                            lambda f: log.error("--metrics-listen: {e}", e=f.getErrorMessage()))
 
