@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from pocketbridge.server import metrics
 from pocketbridge.server.api.http import LimitedRequest
-from pocketbridge.server.gateway.admission import client_ip
+from pocketbridge.server.gateway.admission import client_ip, peer_host
 
 log = Logger()
 
@@ -81,10 +81,7 @@ def connection_budget(fd_soft_limit: int, fd_reserve: int, db_pool_size: int, ma
 
 def ip_key(addr: Optional[IAddress]) -> str:
     """The per-IP key of a peer address at accept: ``client_ip`` of its host (IPv6 by /64)."""
-    host = getattr(addr, "host", None)
-    if not isinstance(host, str):
-        return "local"  # UNIX sockets and the like: one key
-    return client_ip(host.split("%", 1)[0], None, ())
+    return client_ip(peer_host(addr).split("%", 1)[0], None, ())
 
 
 class Admission:

@@ -201,15 +201,15 @@ class SupervisorService(Service):
             from twisted.internet.endpoints import serverFromString
 
             from pocketbridge.server.accept import Admission, AdmissionFactory
+            from pocketbridge.server.tap import _refuse_with_none
 
             # The same accept-time bounds as a single node's --metrics-listen port:
             # a small connection budget of its own, per-IP cap, head/body deadlines.
-            kind = self.settings.metrics_listen.split(":", 1)[0].lower()
             admission = Admission.from_settings(self.reactor, self.settings,
                                                 max(4, self.settings.reserved_connections), reserved=0)
             d = serverFromString(self.reactor, self.settings.metrics_listen).listen(AdmissionFactory(
                 supervisor_site(self.reactor, self.settings, self.supervisor), admission,
-                kind in ("tcp", "tcp6", "unix")))
+                _refuse_with_none(self.settings.metrics_listen)))
             d.addCallbacks(self._metrics_listening,
                            lambda f: log.error("--metrics-listen: {e}", e=f.getErrorMessage()))
 

@@ -110,17 +110,19 @@ class Api:
 
     def client_ip(self, request: Any) -> str:
         """The client address by PROTOCOL.md §12."""
-        from pocketbridge.server.gateway.admission import client_ip
+        from pocketbridge.server.gateway.admission import client_ip, peer_host
 
         forwarded = request.getHeader(b"x-forwarded-for")
-        return client_ip(_peer_host(request), forwarded.decode("latin-1") if forwarded else None,
+        return client_ip(peer_host(request.getClientAddress()), forwarded.decode("latin-1") if forwarded else None,
                          self.node.trusted_proxies)
 
     def is_tls(self, request: Any) -> bool:
         """True when the request came over TLS, directly or via a trusted proxy."""
         if request.isSecure():
             return True
-        peer = _peer_host(request)
+        from pocketbridge.server.gateway.admission import peer_host
+
+        peer = peer_host(request.getClientAddress())
         proto = request.getHeader(b"x-forwarded-proto")
         return peer in self.node.trusted_proxies and proto == b"https"
 
@@ -349,10 +351,3 @@ def query_int(request: Any, name: str, default: int, low: int, high: Optional[in
     if high is not None and value > high:
         value = high
     return value
-
-
-def _peer_host(request: Any) -> str:
-    """The peer's IP address, or ``"local"`` for a UNIX-socket peer (which has no
-    host; it is never a trusted proxy), as the accept-time key does."""
-    host = getattr(request.getClientAddress(), "host", None)
-    return host if isinstance(host, str) else "local"

@@ -27,7 +27,7 @@ from pocketbridge.server.gateway.handshake import ServerHandshake
 from pocketbridge.server.gateway.flow import FlowControl, Outbound
 from pocketbridge.server.gateway.inbound import WS_PING, WS_PONG
 from pocketbridge.server.gateway.session import Session
-from pocketbridge.server.gateway.admission import FailureToken, admit, check_upgrade, client_ip, depart
+from pocketbridge.server.gateway.admission import FailureToken, admit, check_upgrade, client_ip, depart, peer_host
 from pocketbridge.server.gateway.options import with_factory_options
 from pocketbridge.server.gateway.ports import _Conn, _Gate
 from pocketbridge.server.storage import StorageUnavailable
@@ -108,7 +108,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
                                    self.sendPing, self._heartbeat_lost)
         forwarded = request.headers.get("x-forwarded-for")
         transport: Any = self.transport  # the TCP transport: getPeer() has .host
-        self.ip = client_ip(transport.getPeer().host, forwarded, node.trusted_proxies)
+        self.ip = client_ip(peer_host(transport.getPeer()), forwarded, node.trusted_proxies)
         if node.draining:
             raise ConnectionDeny(503, "Server draining")
         self.token = FailureToken(node.limits, self.ip, node.settings.handshake_failures_per_ip)

@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+def peer_host(address: object) -> str:
+    """
+    The host of a peer address, or ``"local"`` for an address without one (a
+    UNIX-socket peer): all such peers share one key and none is a trusted proxy.
+    """
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else "local"
+
+
 def client_ip(peer_host: str, forwarded_for: Optional[str], trusted: Tuple[str, ...]) -> str:
     """
     The client's address (PROTOCOL.md §12): the peer unless it is a trusted
