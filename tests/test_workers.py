@@ -11,11 +11,13 @@ be that process.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import uuid
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
@@ -23,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from pocketbridge.client import Client, Identity
 from pocketbridge.server.workers import EMBEDDED_REFUSAL
 from tests.abuse import sleep
-from tests.harness import ServerProcess, make_server, require_postgres, require_redis, wait_until
+from tests.harness import ServerProcess, free_port, make_server, require_postgres, require_redis, wait_until
 
 STREAM = "clipboard:main"
 TYPE = "clipboard:text"
@@ -166,12 +168,6 @@ class WorkersTests(TestCase):
 
     async def test_metrics_listen_is_served_by_the_supervisor_for_every_worker(self) -> None:
         """With --metrics-listen, the supervisor answers /health (200: both workers alive) and /metrics with each worker's samples labelled worker="0" and worker="1"."""
-        import json
-
-        import treq
-
-        from tests.harness import free_port
-
         port = free_port()
         server = make_server(self, "postgresql", args=ARGS + ["--metrics-listen", "tcp:{}:interface=127.0.0.1".format(port)],
                              redis=True)
