@@ -9,7 +9,10 @@ signed route (bad JSON) and the health check also run on PostgreSQL.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import uuid
 from typing import TYPE_CHECKING
 
@@ -17,10 +20,11 @@ import orjson
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
 
 from pocketbridge.client import Client, Identity
 from pocketbridge.client.rest import RestClient, RestResponse
@@ -381,14 +385,8 @@ class MetricsTests(_Base):
 
     async def test_metrics_listen_on_a_unix_socket(self) -> None:
         """--metrics-listen unix:PATH serves /metrics (a UNIX peer has no host; it used to crash the request)."""
-        import os
-        import tempfile
-
-        from twisted.internet.endpoints import UNIXClientEndpoint
-        from twisted.web.client import Agent, readBody
-
         directory = tempfile.mkdtemp(prefix="pb-unix-")
-        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+        self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "metrics.sock")
         await start_server(self, args=["--metrics-listen", "unix:{}".format(path)])
 
