@@ -141,13 +141,21 @@ class CliTestMixin(_Base):
             transport.write(stdin)
             transport.closeStdin()
 
-        def kill_if_running() -> None:
-            """Cleanup: a CLI still running when the test ends (failed or timed out) is killed."""
-            if proto.code is None and not proto.ended.called:
-                try:
-                    transport.signalProcess("KILL")
-                except OSError:
-                    pass
+        def kill_if_running() -> Optional["Deferred[None]"]:
+            """
+            Cleanup: a CLI still running when the test ends (failed or timed
+            out) is killed, and the cleanup waits for it to be reaped so that
+            its pipes do not leave the reactor dirty.
+            """
+            if proto.code is not None or proto.ended.called:
+                return None
+            reaped: "Deferred[None]" = Deferred()
+            proto.ended.addBoth(lambda result: (reaped.callback(None), result)[1])
+            try:
+                transport.signalProcess("KILL")
+            except OSError:
+                pass
+            return reaped
 
         self.addCleanup(kill_if_running)
         return proto

@@ -12,13 +12,19 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferTimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.web.client import ResponseFailed
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 from pocketbridge.client import (
     Client,
@@ -167,22 +173,46 @@ def working_copy(keys: DeviceKeys) -> DeviceKeys:
     return DeviceKeys.from_dict(keys.to_dict())
 
 
+@contextmanager
+def key_file_lock(path: str) -> Iterator[None]:
+    """
+    Hold an exclusive ``flock`` on ``PATH.lock`` (created 0600 next to the
+    key file) for a read-merge-write of the key file, so that two commands of
+    one device (a ``send`` next to a running ``watch``) cannot each read the
+    old file and the later write undo the earlier one. Where ``fcntl`` does
+    not exist (Windows) the merge runs unlocked.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = os.path.expanduser(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def save_keys(keys: DeviceKeys, path: str) -> None:
     """
     Save ``keys``, keeping what another command of this device (a ``send``
     next to a running ``watch``) wrote since it was loaded: the counters only
-    grow, and pins for other servers are kept.
+    grow, and pins for other servers are kept. The read and the write happen
+    under ``key_file_lock``.
     """
-    try:
-        disk: Optional[DeviceKeys] = DeviceKeys.load(path)
-    except KeyFileError:
-        disk = None
-    if disk is not None and (disk.user_id, disk.device_id) == (keys.user_id, keys.device_id):
-        keys.next_device_seq = max(keys.next_device_seq, disk.next_device_seq)
-        keys.last_received_seq = max(keys.last_received_seq, disk.last_received_seq)
-        for address, pin in disk.server_pins.items():
-            keys.server_pins.setdefault(address, pin)
-    keys.save(path)
+    with key_file_lock(path):
+        try:
+            disk: Optional[DeviceKeys] = DeviceKeys.load(path)
+        except KeyFileError:
+            disk = None
+        if disk is not None and (disk.user_id, disk.device_id) == (keys.user_id, keys.device_id):
+            keys.next_device_seq = max(keys.next_device_seq, disk.next_device_seq)
+            keys.last_received_seq = max(keys.last_received_seq, disk.last_received_seq)
+            for address, pin in disk.server_pins.items():
+                keys.server_pins.setdefault(address, pin)
+        keys.save(path)
 
 
 def sync_pins(keys: DeviceKeys, work: DeviceKeys, path: str) -> None:
