@@ -97,12 +97,13 @@ import subprocess
 import sys
 import tempfile
 import unittest
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from tests import forkserver
 from tests.services import (  # re-exported: tests import everything from here
     PostgresDatabase,
     ServiceUnavailable,
@@ -379,7 +380,7 @@ class ServerProcess:
         self.env = dict(env or {})
         self._port = port or free_port()
         self._owns_port = port is None  # reserved here: released by cleanup()
-        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.process: Optional[Union[subprocess.Popen[bytes], forkserver.ForkedProcess]] = None
         self._files: List[IO[bytes]] = []
         self._reaped_current = True  # no process, or its exit has been recorded
         self.exit_codes: List[int] = []
@@ -468,15 +469,28 @@ class ServerProcess:
         stdout = open(self.stdout_path, "ab")
         stderr = open(self.stderr_path, "ab")
         self._files = [stdout, stderr]
-        self.process = subprocess.Popen(
-            self.argv(),
-            cwd=self.directory,
-            env=_server_environ(self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            start_new_session=True,  # ^C in the terminal reaches trial, not the server
-        )
+        argv = self.argv()
+        prefix = twistd_command()
+        if forkserver.enabled() and argv[: len(prefix)] == prefix:
+            # The same twistd run, forked from a helper that has done the imports
+            # (tests/forkserver.py); a subclass that wraps the command is exec'd.
+            self.process = forkserver.ForkedProcess(
+                argv[len(prefix):],
+                cwd=self.directory,
+                env=_server_environ(self.env),
+                stdout=self.stdout_path,
+                stderr=self.stderr_path,
+            )
+        else:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=self.directory,
+                env=_server_environ(self.env),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,  # ^C in the terminal reaches trial, not the server
+            )
         self._reaped_current = False
         _live.add(self)
 
