@@ -71,11 +71,16 @@ def _preload() -> None:
         raise RuntimeError("forkserver: a preloaded module started a thread; cannot fork safely")
 
 
-def _child(request: Dict[str, Any]) -> None:
-    """In the forked child: become the server process described by ``request``. Never returns."""
+def _child(request: Dict[str, Any], ready: int) -> None:
+    """
+    In the forked child: become the server process described by ``request``.
+    Writes to ``ready`` once it leads its own session. Never returns.
+    """
     code = 1
     try:
         os.setsid()
+        os.write(ready, b".")
+        os.close(ready)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -161,9 +166,14 @@ def serve() -> None:
             while b"\n" in buffered:
                 line, buffered = buffered.split(b"\n", 1)
                 request = json.loads(line)
+                ready_r, ready_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
-                    _child(request)
+                    os.close(ready_r)
+                    _child(request, ready_w)
+                os.close(ready_w)
+                os.read(ready_r, 1)  # the pid is reported once the child leads its session (or is gone)
+                os.close(ready_r)
                 children.add(pid)
                 _write(replies_fd, {"pid": pid})
 
