@@ -196,10 +196,11 @@ class _Helper:
         self._out = self.process.stdout.fileno()
         os.set_blocking(self._out, False)
         self._buffer = b""
+        self._eof = False
         self.exits: Dict[int, int] = {}
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._eof and self.process.poll() is None
 
     def spawn(self, argv: List[str], cwd: str, env: Dict[str, str], stdout: str, stderr: str) -> int:
         assert self.process.stdin is not None
@@ -226,6 +227,7 @@ class _Helper:
         if readable:
             try:
                 chunk = os.read(self._out, 65536)
+                self._eof = not chunk
             except BlockingIOError:
                 chunk = b""
             self._buffer += chunk
@@ -255,8 +257,16 @@ def _get_helper() -> _Helper:
     global _helper
     if _helper is None or not _helper.alive():
         _helper = _Helper()
-        atexit.register(_helper.close)
     return _helper
+
+
+@atexit.register
+def _close_helper() -> None:
+    # Registered when this module is imported, i.e. before the harness's and the
+    # class servers' exit handlers, so it runs after them (atexit is LIFO): they
+    # still get their servers' exit reports.
+    if _helper is not None:
+        _helper.close()
 
 
 class ForkedProcess:
@@ -271,6 +281,12 @@ class ForkedProcess:
         if self.returncode is None:
             self._helper.drain()
             self.returncode = self._helper.exits.pop(self.pid, None)
+        if self.returncode is None and not self._helper.alive():
+            # The helper is gone, so no report will come: alive or not is all we can know.
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.returncode = -signal.SIGKILL  # exit status unknown
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -284,8 +300,11 @@ class ForkedProcess:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:  # never signal a pid the helper already reaped
-            os.kill(self.pid, sig)
+        if self.poll() is None:  # never signal a pid the helper already reported
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # ended; its report is on the way
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
