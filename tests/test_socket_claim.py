@@ -129,7 +129,7 @@ class ConcurrentHandshakeTests(SynchronousTestCase):
     # ------------------------------------------------------------ a failed handshake gives its slot back
 
     def test_a_failed_handshake_frees_its_slot_and_leaves_no_trace(self) -> None:
-        """sockets_per_device=1: after a handshake fails (revoked, storage error, client gone or timed out while ADMITTING) the next one goes live; no notice, no last_seen write."""
+        """sockets_per_device=1: after a handshake fails (revoked at registration or on the bus while subscribed, storage error, client gone or timed out while ADMITTING) the next one goes live; no notice, no last_seen write."""
         def revoked(proto: GatewayProtocol) -> None:
             self.storage.registrations[0].callback((device_state(self.user, DEVICE, 1), False, 0, 0))
 
@@ -140,12 +140,17 @@ class ConcurrentHandshakeTests(SynchronousTestCase):
             proto.onClose(False, 1006, "gone")
             self.storage.registrations[0].callback((device_state(self.user), False, 0, 0))
 
+        def revoked_on_the_bus(proto: GatewayProtocol) -> None:
+            proto.node.hub.on_control({"kind": "revoke", "user_id": self.user, "device_id": DEVICE,
+                                       "reason": "revoked", "timestamp": 1})
+            self.storage.registrations[0].callback((device_state(self.user), False, 0, 0))
+
         def timed_out(proto: GatewayProtocol) -> None:
             self.clock.advance(30.1)
             self.storage.registrations[0].callback((device_state(self.user), False, 0, 0))
 
         cases: List[Tuple[Callable[[GatewayProtocol], None], Optional[int]]] = [
-            (revoked, 4003), (storage_error, 1013), (gone, None), (timed_out, 1008)]
+            (revoked, 4003), (revoked_on_the_bus, 4003), (storage_error, 1013), (gone, None), (timed_out, 1008)]
         for end, code in cases:
             self.notices.clear()
             node = self.make(sockets_per_device=1)

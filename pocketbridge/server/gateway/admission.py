@@ -193,6 +193,13 @@ async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session
                 claim is not None and claim.online)
 
 
+#: The close of a handshake refused by each socket limit (§12).
+_REFUSALS = {
+    SOCKETS_PER_DEVICE: ProtocolError(4029, "Too many sockets for this device; retry after 30 s"),
+    SOCKETS_PER_USER: ProtocolError(4029, "Too many sockets for this user; retry after 30 s"),
+}
+
+
 async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limit: str) -> None:
     """
     A socket limit is reached. A revoked device is still told 4003, not 4029
@@ -207,12 +214,6 @@ async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limit: str) -> No
     metrics.LIMIT_HITS.labels(limit=limit).inc()
     metrics.HANDSHAKES.labels(result="limited").inc()
     gate.close(_REFUSALS[limit])
-
-
-_REFUSALS = {
-    SOCKETS_PER_DEVICE: ProtocolError(4029, "Too many sockets for this device; retry after 30 s"),
-    SOCKETS_PER_USER: ProtocolError(4029, "Too many sockets for this user; retry after 30 s"),
-}
 
 
 def _release(node: "Node", auth: AuthRequest, session_id: str, claim: Optional[Claim],
