@@ -7,7 +7,7 @@ WebSocket frame encoding and decoding. No sockets, no sleeps.
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import txaio
 from nacl.signing import SigningKey
@@ -25,6 +25,8 @@ from pocketbridge.server.gateway.adapter import GatewayProtocol, _Conn, make_fac
 from pocketbridge.server.fanout.hub import DeliveryHub
 from pocketbridge.server.context import Node
 from pocketbridge.server.gateway.session import Session
+from pocketbridge.server.cluster.presence import Claim, LocalPresence
+from pocketbridge.server.storage import DeviceState
 
 USER = "ab" * 32
 DEVICE = "0b0e6f6a-6b1c-4d2e-9f3a-1c2d3e4f5a6b"
@@ -277,3 +279,97 @@ def authenticate(proto: GatewayProtocol, version: int = 1, head: int = 0) -> Ses
     proto.machine.feed(Input.ESTABLISHED)
     session.established(head, head, 1)
     return session
+
+
+def device_state(user_id: str, device_id: str = DEVICE, revoked_at: Optional[int] = None) -> DeviceState:
+    """The stored row of a device (``revoked_at`` set: revoked)."""
+    return DeviceState(user_id, device_id, "laptop", "cli", 0, 0, 0, 0, revoked_at)
+
+
+class HandshakeStorage(FakeStorage):
+    """
+    FakeStorage with the device reads of the handshake, each answered when the
+    test says: ``registrations`` (register + head + revocation, the one read of
+    a handshake) and ``device_reads`` (only a handshake refused by a socket
+    limit); ``last_seen`` records the last_seen times of each cursor write.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device_reads: List[Deferred[Optional[DeviceState]]] = []
+        self.registrations: List[Deferred[Tuple[DeviceState, bool, int, int]]] = []
+        self.last_seen: List[Dict[Tuple[str, str], int]] = []
+
+    def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[DeviceState]]":
+        d: Deferred[Optional[DeviceState]] = Deferred()
+        self.device_reads.append(d)
+        return d
+
+    def register_and_read_head(self, user_id: str, device_id: str, name: Optional[str], dtype: str,
+                               now: int) -> "Deferred[Tuple[DeviceState, bool, int, int]]":
+        d: Deferred[Tuple[DeviceState, bool, int, int]] = Deferred()
+        self.registrations.append(d)
+        return d
+
+    def update_cursors(self, batch: Any, now: int, last_seen: Any = None) -> "Deferred[None]":
+        if last_seen:
+            self.last_seen.append(dict(last_seen))
+        return succeed(None)
+
+
+class HeldPresence(LocalPresence):
+    """
+    LocalPresence whose ``claim`` is decided when the test calls ``answer``
+    (as LocalPresence would decide it then): the connection stays ADMITTING
+    meanwhile, before its session is subscribed or its device registered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: List[Tuple["Deferred[Claim]", Tuple[Any, ...]]] = []
+
+    def claim(self, user_id: str, device_id: str, socket_id: str, auth_ms: int,
+              max_device: int, max_user: int) -> "Deferred[Claim]":
+        d: Deferred[Claim] = Deferred()
+        self.claims.append((d, (user_id, device_id, socket_id, auth_ms, max_device, max_user)))
+        return d
+
+    def answer(self, i: int = 0) -> None:
+        """Decide the ``i``-th held claim now."""
+        d, args = self.claims[i]
+        LocalPresence.claim(self, *args).chainDeferred(d)
+
+
+def send_auth(proto: GatewayProtocol, tcp: FakeTCP, hs: Any) -> Any:
+    """
+    Walk a fresh connection through ``client_hello`` and ``client_auth`` of
+    the client handshake ``hs`` (a V1Handshake or V2Handshake); the v2 frame
+    codec (None on v1).
+    """
+    proto.dataReceived(client_frame(1, wire.dumps(hs.client_hello())))
+    _, hello = wire.parse_message(server_frames(tcp.written())[-1][1])
+    auth = hs.on_server_hello(hello)
+    codec = hs.codec()
+    data = wire.dumps(auth)
+    proto.dataReceived(client_frame(1, data) if codec is None else client_frame(2, codec.seal(data)))
+    return codec
+
+
+def hold_established(proto: GatewayProtocol, seen: Optional[Callable[[], None]] = None) -> List[Callable[[], None]]:
+    """
+    Keep ``proto`` in JOINING once admission attaches its session: sending
+    ``session_established`` waits until the test calls the function appended
+    to the returned list (admission itself no longer awaits anything
+    there). ``seen`` runs where the frame would have been sent: JOINING,
+    before the session learns the head and handles the frames it was given.
+    """
+    held: List[Callable[[], None]] = []
+    send = proto._established
+
+    def hold(*args: Any) -> None:
+        if seen is not None:
+            seen()
+        held.append(lambda: send(*args))
+
+    proto._established = hold  # type: ignore[method-assign]
+    return held

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -26,10 +25,10 @@ from pocketbridge.server.gateway.connection import (
     HANDSHAKE, TRANSITIONS, ConnectionMachine, Input, InvalidTransition, State,
 )
 from pocketbridge.server.gateway.adapter import GatewayProtocol, make_factory
-from pocketbridge.server.cluster.presence import LocalPresence
 from pocketbridge.server.storage import DeviceState
 from tests.conn_fakes import (
-    DEVICE, UPGRADE, FakeStorage, FakeTCP, client_frame, close_code, connect, make_node, server_frames, text,
+    DEVICE, UPGRADE, FakeTCP, HandshakeStorage, HeldPresence, client_frame, close_code, connect, device_state,
+    hold_established, make_node, send_auth, server_frames, text,
 )
 
 #: Inputs that lead from UPGRADING to each state.
@@ -140,45 +139,8 @@ class TransitionTableTests(SynchronousTestCase):
         self.assertIs(m.reached, State.JOINING)
 
 
-class HandshakeStorage(FakeStorage):
-    """
-    FakeStorage with the device reads of the handshake, each answered when the
-    test says: ``registrations`` (register + head + revocation, the one read of
-    a handshake) and ``device_reads`` (only a handshake refused by a socket limit).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.device_reads: List[Deferred[Optional[DeviceState]]] = []
-        self.registrations: List[Deferred[Tuple[DeviceState, bool, int, int]]] = []
-
-    def get_device(self, user_id: str, device_id: str) -> "Deferred[Optional[DeviceState]]":
-        d: Deferred[Optional[DeviceState]] = Deferred()
-        self.device_reads.append(d)
-        return d
-
-    def register_and_read_head(self, user_id: str, device_id: str, name: Optional[str], dtype: str,
-                               now: int) -> "Deferred[Tuple[DeviceState, bool, int, int]]":
-        d: Deferred[Tuple[DeviceState, bool, int, int]] = Deferred()
-        self.registrations.append(d)
-        return d
-
-
-class HeldPresence(LocalPresence):
-    """LocalPresence whose ``add`` answers when the test says: the connection stays JOINING meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.adds: List[Deferred[bool]] = []
-
-    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
-        d: Deferred[bool] = Deferred()
-        self.adds.append(d)
-        return d
-
-
 def device(user_id: str, revoked_at: Optional[int] = None) -> DeviceState:
-    return DeviceState(user_id, DEVICE, "laptop", "cli", 0, 0, 0, 0, revoked_at)
+    return device_state(user_id, DEVICE, revoked_at)
 
 
 def gauge(state: str) -> float:
@@ -204,16 +166,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         proto, tcp = connect(self.node, self.clock)
         self.assertIs(proto.machine.state, State.AWAIT_HELLO)
         hs: Any = V1Handshake(self.identity, DEVICE) if version == 1 else V2Handshake(self.identity, DEVICE)
-        proto.dataReceived(client_frame(1, wire.dumps(hs.client_hello())))
-        self.assertIs(proto.machine.state, State.AWAIT_AUTH)
-        _, hello = wire.parse_message(self.frames(tcp)[-1][1])
-        auth = hs.on_server_hello(hello)
-        codec = hs.codec()
-        data = wire.dumps(auth)
-        if codec is None:
-            proto.dataReceived(client_frame(1, data))
-        else:
-            proto.dataReceived(client_frame(2, codec.seal(data)))
+        codec = send_auth(proto, tcp, hs)
         self.assertIs(proto.machine.state, State.ADMITTING)
         return proto, tcp, codec
 
@@ -273,20 +226,37 @@ class GatewayLifecycleTests(SynchronousTestCase):
         self.assertNotIn(b'"pong"', tcp.written())
         self.assertEqual(len(proto.machine.pending()), 1)  # the handshake deadline still runs
 
+    def test_claim_pending_is_admitting_under_the_deadline(self) -> None:
+        """ADMITTING while presence decides the claim: reading held, nothing subscribed or registered; at 30 s 1008, and the late claim's slot is given back."""
+        presence = HeldPresence()
+        self.node.presence = presence
+        proto, tcp, _ = self.to_admitting()
+        self.assertFalse(tcp.reading)
+        self.assertEqual((len(presence.claims), self.storage.registrations), (1, []))
+        self.assertEqual(self.node.hub.sinks(self.identity.user_id), [])
+        self.clock.advance(30.1)
+        self.assertEqual(close_code(self.frames(tcp)), 1008)
+        self.assertIs(proto.machine.state, State.CLOSING)
+        presence.answer()
+        self.assertEqual(self.storage.registrations, [])
+        self.assertIsNone(proto.session)
+        self.assertEqual(presence.devices, {})
+
     def test_joining_attaches_the_session_and_ends_the_handshake_deadline(self) -> None:
         """ADMITTING -> JOINING: queued frames go to the session, the deadline is cancelled; nothing times out at 30 s."""
-        self.node.presence = HeldPresence()  # JOINING lasts until presence answers
         proto, tcp, _ = self.to_admitting()
         proto.dataReceived(text("ping", {}))
         deadline = proto.machine.pending()[0]
+        at_joining: List[Tuple[State, bool, int]] = []
+        held = hold_established(proto, lambda: at_joining.append(
+            (proto.machine.state, deadline.active(), len(proto.session.inbox) if proto.session else -1)))
         self.storage.registrations[0].callback((device(self.identity.user_id), True, 0, 0))
-        self.assertIs(proto.machine.state, State.JOINING)
-        self.assertFalse(deadline.active())
-        session = proto.session
-        assert session is not None
-        self.assertEqual(len(session.inbox), 1)
+        self.assertEqual(at_joining, [(State.JOINING, False, 1)])  # the ping waits in the session for the head
+        self.assertIs(proto.machine.state, State.JOINING)  # session_established held
         self.clock.advance(31)
         self.assertIsNone(close_code(self.frames(tcp)))
+        held[0]()
+        self.assertIs(proto.machine.state, State.LIVE)
 
     def test_live_v1_arms_heartbeat_and_expiry(self) -> None:
         """JOINING -> LIVE (v1): session_established is sent, queued pings answered, heartbeat and expiry timers run, no expiry warning."""
@@ -343,8 +313,8 @@ class GatewayLifecycleTests(SynchronousTestCase):
 
     def test_revoked_between_reads_fails_while_joining(self) -> None:
         """JOINING -> CLOSING -> GONE: revoked after registration, before going live: 4003, then onClose detaches the session."""
-        self.node.presence = HeldPresence()
         proto, tcp, _ = self.to_admitting()
+        hold_established(proto)
         self.storage.registrations[0].callback((device(self.identity.user_id), False, 0, 0))
         self.node.hub.on_control({"kind": "revoke", "user_id": self.identity.user_id, "device_id": DEVICE,
                                   "reason": "revoked", "timestamp": 1})

@@ -173,7 +173,7 @@ class RoundTripTests(HandshakeCase):
     def test_revoked_wins_over_the_socket_limit(self) -> None:
         """At the device's socket limit a revoked device still gets 4003 (a device read of its own), not 4029."""
         node, storage = self.node_with(returning(self.identity.user_id, revoked_at=1), sockets_per_device=1)
-        node.presence.add(self.identity.user_id, DEVICE, "other-socket", 0)
+        node.presence.claim(self.identity.user_id, DEVICE, "other-socket", 0, 1, 50)  # another socket holds the slot
         proto, tcp = self.handshake(node)
         self.assertEqual(close_code(server_frames(tcp.written())), 4003)
         self.assertEqual(storage.calls, ["get_device"])
@@ -182,7 +182,7 @@ class RoundTripTests(HandshakeCase):
     def test_socket_limit_refuses_4029(self) -> None:
         """At the device's socket limit a valid device is closed 4029 and never subscribed or registered."""
         node, storage = self.node_with(returning(self.identity.user_id), sockets_per_device=1)
-        node.presence.add(self.identity.user_id, DEVICE, "other-socket", 0)
+        node.presence.claim(self.identity.user_id, DEVICE, "other-socket", 0, 1, 50)  # another socket holds the slot
         proto, tcp = self.handshake(node)
         self.assertEqual(close_code(server_frames(tcp.written())), 4029)
         self.assertEqual(storage.calls, ["get_device"])

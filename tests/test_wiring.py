@@ -23,7 +23,7 @@ from pocketbridge.server import tap
 from pocketbridge.server.accept import AdmissionFactory
 from pocketbridge.server.cluster.jobs import Jobs
 from pocketbridge.server.cluster.limits import LocalLimits, RedisLimits
-from pocketbridge.server.cluster.presence import LocalPresence, RedisPresence
+from pocketbridge.server.cluster.presence import SOCKETS_PER_DEVICE, Claim, LocalPresence, RedisPresence
 from pocketbridge.server.config import Settings
 from pocketbridge.server.context import Node
 from pocketbridge.server.fanout.hub import DeliveryHub
@@ -198,7 +198,7 @@ class SharedConnectionContract:
         bus.publish_event(row(1))
         self.assertEqual(bus.held, 1)
         try:
-            await presence.counts(USER, DEV_A)
+            await presence.claim(USER, DEV_A, "s1", 1, 5, 50)
             raise AssertionError("presence answered without a connection")
         except ConnectionError:
             pass
@@ -268,8 +268,9 @@ class RealConnectionContractTests(SharedConnectionContract, TestCase):
         presence = RedisPresence(self.redis, "n1", lambda: int(reactor.seconds() * 1000), prefix)
         limits = RedisLimits(self.redis, prefix, reactor.seconds)
         await self.connected()
-        self.assertTrue(await presence.add(USER, DEV_A, "s1", 1))
-        self.assertEqual(await presence.counts(USER, DEV_A), (1, 1))
+        self.assertEqual(await presence.claim(USER, DEV_A, "s1", 1, 1, 50), Claim(None, online=True))
+        self.assertEqual(await presence.claim(USER, DEV_A, "s2", 1, 1, 50), Claim(SOCKETS_PER_DEVICE))
+        self.assertEqual(await presence.user_sockets(USER), {DEV_A: {"n1|s1": 1}})
         self.assertTrue(await presence.remove(USER, DEV_A, "s1"))
         self.assertEqual(await limits.take("wiring", "k", 1.0, 1.0), 0.0)
         self.assertGreater(await limits.take("wiring", "k", 1.0, 1.0), 0.0)

@@ -7,11 +7,18 @@ one hash per user in Redis with a field per socket
 entries every 20 s with a 60 s lifetime, so a crashed node's sockets stop
 counting within a minute and the sweep job announces those devices offline.
 Both offer the same Deferred-returning interface.
+
+The socket limits (PROTOCOL.md §12) are reserved, not merely checked:
+``claim`` counts the live sockets and records the new one in one step
+(synchronous in-process, one Lua script in Redis), so handshakes that run
+at the same time cannot all pass a count taken before any of them is
+recorded.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Protocol, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import orjson
 from twisted.internet.defer import Deferred, succeed
@@ -21,13 +28,32 @@ if TYPE_CHECKING:  # txredisapi is a server-only dependency
 
 SocketMap = Dict[str, Dict[str, int]]  # device_id → {socket_key: auth_ms}
 
+SOCKETS_PER_DEVICE = "sockets_per_device"
+SOCKETS_PER_USER = "sockets_per_user"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """
+    The answer of ``Presence.claim``: ``refused`` names the limit that was
+    reached (``sockets_per_device`` or ``sockets_per_user``; nothing was
+    recorded), or is None and the socket's slot is held; ``online`` is True
+    when the slot is held and the device had no other live socket.
+    """
+
+    refused: Optional[str] = None
+    online: bool = False
+
+    @property
+    def held(self) -> bool:
+        return self.refused is None
+
 
 class Presence(Protocol):
     """What the node needs of presence; ``LocalPresence`` and ``RedisPresence`` both offer it."""
 
-    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]": ...
-
-    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]": ...
+    def claim(self, user_id: str, device_id: str, socket_id: str, auth_ms: int,
+              max_device: int, max_user: int) -> "Deferred[Claim]": ...
 
     def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]": ...
 
@@ -51,17 +77,26 @@ class LocalPresence:
         self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
         self.per_user: Dict[str, int] = {}  # live sockets per user (kept so counts are O(1))
 
-    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
-        """(live sockets of the device, live sockets of the user)."""
-        return succeed((len(self.devices.get((user_id, device_id), ())), self.per_user.get(user_id, 0)))
-
-    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
-        """Record a socket; True when the device just came online."""
-        sockets = self.devices.setdefault((user_id, device_id), {})
-        if socket_id not in sockets:
-            self.per_user[user_id] = self.per_user.get(user_id, 0) + 1
-        sockets[socket_id] = auth_ms
-        return succeed(len(sockets) == 1)
+    def claim(self, user_id: str, device_id: str, socket_id: str, auth_ms: int,
+              max_device: int, max_user: int) -> "Deferred[Claim]":
+        """
+        Record a socket if the device has fewer than ``max_device`` and the
+        user fewer than ``max_user`` live sockets (the socket itself not
+        counted); answered at once, so no other claim runs in between.
+        """
+        key = (user_id, device_id)
+        sockets = self.devices.get(key, {})
+        again = 1 if socket_id in sockets else 0  # a claim of a held socket renews it
+        device_count = len(sockets) - again
+        user_count = self.per_user.get(user_id, 0) - again
+        if device_count >= max_device:
+            return succeed(Claim(SOCKETS_PER_DEVICE))
+        if user_count >= max_user:
+            return succeed(Claim(SOCKETS_PER_USER))
+        if not again:
+            self.per_user[user_id] = user_count + 1
+        self.devices.setdefault(key, sockets)[socket_id] = auth_ms
+        return succeed(Claim(None, online=device_count == 0))
 
     def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]":
         """Forget a socket; True when the device just went offline."""
@@ -105,36 +140,40 @@ class LocalPresence:
         return succeed([])
 
 
-# Lua: the live counts of a user's hash, for one device prefix.
-_COUNT = """
+# Lua: count the live sockets of the user (and of the device, by field
+# prefix), the claimed field itself left out; under both limits record it.
+# -1: the device's limit, -2: the user's; else the device's live sockets
+# before this one (0: it just came online).
+_CLAIM = """
 local all = redis.call('HGETALL', KEYS[1])
-local dev, usr = 0, 0
 local now = tonumber(ARGV[1])
+local dev, usr = 0, 0
 for i = 1, #all, 2 do
-  local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
-  if exp and exp > now then
-    usr = usr + 1
-    if string.sub(all[i], 1, #ARGV[2]) == ARGV[2] then dev = dev + 1 end
+  if all[i] ~= ARGV[3] then
+    local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
+    if exp and exp > now then
+      usr = usr + 1
+      if string.sub(all[i], 1, #ARGV[2]) == ARGV[2] then dev = dev + 1 end
+    end
   end
 end
-return {dev, usr}
+if dev >= tonumber(ARGV[6]) then return -1 end
+if usr >= tonumber(ARGV[7]) then return -2 end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[8])
+return dev
 """
 
-# Lua: add or remove one socket field, then count the device's live sockets.
-_CHANGE = """
-if ARGV[1] == 'add' then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('SADD', KEYS[2], ARGV[7])
-else
-  if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return -1 end
-end
+# Lua: remove one socket field, then count the device's live sockets (-1: there was no such field).
+_REMOVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return -1 end
 local all = redis.call('HGETALL', KEYS[1])
 local dev = 0
-local now = tonumber(ARGV[4])
+local now = tonumber(ARGV[2])
 for i = 1, #all, 2 do
   local exp = tonumber(string.match(all[i + 1], '|(%d+)$'))
-  if exp and exp > now and string.sub(all[i], 1, #ARGV[5]) == ARGV[5] then dev = dev + 1 end
+  if exp and exp > now and string.sub(all[i], 1, #ARGV[3]) == ARGV[3] then dev = dev + 1 end
 end
 return dev
 """
@@ -182,23 +221,33 @@ class RedisPresence:
     async def _eval(self, script: str, keys: List[str], args: List[Any]) -> Any:
         return await self._conn().eval(script, keys, [str(a) for a in args])
 
-    def counts(self, user_id: str, device_id: str) -> "Deferred[Tuple[int, int]]":
-        async def run() -> Tuple[int, int]:
-            dev, usr = await self._eval(_COUNT, [self._key(user_id)], [self.now_ms(), device_id + "|"])
-            return int(dev), int(usr)
+    def claim(self, user_id: str, device_id: str, socket_id: str, auth_ms: int,
+              max_device: int, max_user: int) -> "Deferred[Claim]":
+        """
+        Count and record in one script: one round trip, and Redis runs
+        scripts one at a time, so the claims of every node are serialised.
+        A held socket joins ``local`` (the refresh renews it) once Redis has
+        answered, never before: a refresh that ran meanwhile would record a
+        socket the script refused. When no answer comes (Redis down) it joins
+        ``local`` all the same, because the caller then admits it without
+        limits, and the error is passed on; ``remove`` forgets it.
+        """
+        entry = (user_id, device_id, socket_id)
 
-        return Deferred.fromCoroutine(run())
-
-    def add(self, user_id: str, device_id: str, socket_id: str, auth_ms: int) -> "Deferred[bool]":
-        self.local[(user_id, device_id, socket_id)] = auth_ms
-
-        async def run() -> bool:
+        async def run() -> Claim:
             now = self.now_ms()
-            n = await self._eval(_CHANGE, [self._key(user_id), self.users_key], [
-                "add", self._field(device_id, socket_id), "{}|{}".format(auth_ms, now + self.ttl_ms),
-                now, device_id + "|", self.ttl_ms, user_id,
-            ])
-            return int(n) == 1
+            try:
+                n = int(await self._eval(_CLAIM, [self._key(user_id), self.users_key], [
+                    now, device_id + "|", self._field(device_id, socket_id),
+                    "{}|{}".format(auth_ms, now + self.ttl_ms), self.ttl_ms, max_device, max_user, user_id,
+                ]))
+            except Exception:
+                self.local[entry] = auth_ms
+                raise
+            if n < 0:
+                return Claim(SOCKETS_PER_DEVICE if n == -1 else SOCKETS_PER_USER)
+            self.local[entry] = auth_ms
+            return Claim(None, online=n == 0)
 
         return Deferred.fromCoroutine(run())
 
@@ -206,8 +255,8 @@ class RedisPresence:
         self.local.pop((user_id, device_id, socket_id), None)
 
         async def run() -> bool:
-            n = await self._eval(_CHANGE, [self._key(user_id), self.users_key], [
-                "remove", self._field(device_id, socket_id), "", self.now_ms(), device_id + "|", self.ttl_ms, user_id,
+            n = await self._eval(_REMOVE, [self._key(user_id)], [
+                self._field(device_id, socket_id), self.now_ms(), device_id + "|",
             ])
             return int(n) == 0
 

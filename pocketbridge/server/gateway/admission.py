@@ -1,8 +1,9 @@
 """
 Admission of a WebSocket client (PROTOCOL.md §4, §12): the per-IP limits
 at the upgrade, the handshake-failure token, and what a valid ``client_auth``
-leads to (revocation, socket limits, the session, registration, presence,
-``session_established`` and the notices).
+leads to (the socket's slot claimed in presence under the socket limits,
+revocation, the session, registration, ``session_established`` and the
+notices).
 
 Not to be confused with ``pocketbridge.server.accept`` (TCP accept and HTTP
 deadlines, before any WebSocket exists). The gateway drives this module
@@ -21,7 +22,7 @@ from pocketbridge.server import metrics
 
 from pocketbridge.protocol import wire
 from pocketbridge.protocol.wire import ProtocolError
-from pocketbridge.server.config import Settings
+from pocketbridge.server.cluster.presence import SOCKETS_PER_DEVICE, SOCKETS_PER_USER, Claim
 from pocketbridge.server.gateway.handshake import AuthRequest
 from pocketbridge.server.gateway.inbound import Conn
 from pocketbridge.server.gateway.session import Session
@@ -136,26 +137,27 @@ class Gate(Protocol):
 
 async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session_id: str) -> None:
     """
-    A valid ``client_auth`` arrived: check the socket limits, subscribe the
+    A valid ``client_auth`` arrived: claim the socket's slot (the socket
+    limits, counted and reserved in one step before any other work, so
+    handshakes running at the same time cannot all pass), subscribe the
     session, then register the device and read the head in ONE storage
     transaction, which also answers whether the device is revoked; attach
     the session to the connection and go live. Stops (without a word) as
     soon as the connection is ending; a session that is not attached in the
-    end is detached from the hub again. Storage errors propagate (the
-    gateway closes 1013).
+    end is detached from the hub again and its slot given back. Storage
+    errors propagate (the gateway closes 1013).
     """
     s = node.settings
-    presence = node.presence
+    claim: Optional[Claim]
     try:
-        device_sockets, user_sockets = await presence.counts(auth.user_id, auth.device_id)
+        claim = await node.presence.claim(auth.user_id, auth.device_id, session_id, node.now_ms(),
+                                          s.sockets_per_device, s.sockets_per_user)
     except Exception as e:  # presence store down: admit (limits are best effort)
         log.warn("presence unavailable, socket limits not checked: {error}", error=str(e))
-        device_sockets = user_sockets = 0
-    if gate.ended():
-        return
-    limited = _socket_limit(s, device_sockets, user_sockets)
-    if limited is not None:
-        await _refuse(node, gate, auth, limited)
+        claim = None
+    if claim is not None and claim.refused is not None:
+        if not gate.ended():
+            await _refuse(node, gate, auth, claim.refused)
         return
     session = Session(
         node, conn, auth.user_id, auth.device_id, session_id, auth.protocol_version,
@@ -165,7 +167,10 @@ async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session
     # head read reaches this session live (it holds live events until the
     # head is known). ``subscribed`` fires once the bus listens for the user.
     attached = False
+    device: Optional[DeviceState] = None
     try:
+        if gate.ended():
+            return
         await node.hub.attach(session)
         if gate.ended():
             return
@@ -183,10 +188,19 @@ async def admit(node: "Node", gate: Gate, conn: Conn, auth: AuthRequest, session
         if not attached:
             session.lost()
             node.hub.detach(session)
-    await _join(node, gate, session, auth, device, created, head, purged_below, now)
+            _release(node, auth, session_id, claim, device)
+    await _join(node, gate, session, auth, device, created, head, purged_below, now,
+                claim is not None and claim.online)
 
 
-async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limited: Tuple[str, ProtocolError]) -> None:
+#: The close of a handshake refused by each socket limit (§12).
+_REFUSALS = {
+    SOCKETS_PER_DEVICE: ProtocolError(4029, "Too many sockets for this device; retry after 30 s"),
+    SOCKETS_PER_USER: ProtocolError(4029, "Too many sockets for this user; retry after 30 s"),
+}
+
+
+async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limit: str) -> None:
     """
     A socket limit is reached. A revoked device is still told 4003, not 4029
     (§12): only this refused handshake pays a device read of its own.
@@ -197,22 +211,51 @@ async def _refuse(node: "Node", gate: Gate, auth: AuthRequest, limited: Tuple[st
     if device is not None and device.revoked_at is not None:
         gate.fail(ProtocolError(4003, "Device revoked"), "revoked")
         return
-    name, refusal = limited
-    metrics.LIMIT_HITS.labels(limit=name).inc()
+    metrics.LIMIT_HITS.labels(limit=limit).inc()
     metrics.HANDSHAKES.labels(result="limited").inc()
-    gate.close(refusal)
+    gate.close(_REFUSALS[limit])
+
+
+def _release(node: "Node", auth: AuthRequest, session_id: str, claim: Optional[Claim],
+             device: Optional[DeviceState]) -> None:
+    """
+    Admission ended without attaching: give the slot back. A handshake that
+    was the device's only socket leaves no trace (no notice, no ``last_seen``
+    write). With another socket of the device about, the claim's answer was
+    given relative to it, so what it left unsaid is said here: this claim
+    came online and the other one stays (its claim was told the device was
+    online already) — online; this claim did not come online and the
+    release leaves no socket (the one that did has closed, its close saw
+    this slot) — offline, as ``depart`` would. A revoked device: nothing,
+    the revocation tells the others. No claim (presence down): only the
+    release.
+    """
+    d = node.presence.remove(auth.user_id, auth.device_id, session_id)
+    if claim is not None and (device is None or device.revoked_at is None):
+        d.addCallback(_released, node, auth, claim.online, device)
+    d.addErrback(lambda f: log.warn("presence update failed: {e}", e=f.getErrorMessage()))
+
+
+def _released(offline: bool, node: "Node", auth: AuthRequest, came_online: bool,
+              device: Optional[DeviceState]) -> None:
+    if came_online == offline:
+        return
+    # The stored name and type when registration answered, else this handshake's.
+    name, dtype = (device.name, device.type) if device is not None else (auth.device_name, auth.device_type)
+    if came_online:
+        node.announce_presence(auth.user_id, auth.device_id, name, dtype, True, node.now_ms())
+    else:
+        _went_offline(node, auth.user_id, auth.device_id, name, dtype)
 
 
 async def _join(node: "Node", gate: Gate, session: Session, auth: AuthRequest, device: DeviceState,
-                created: bool, head: int, purged_below: int, now: int) -> None:
-    """The attached session: presence, ``session_established``, notices, then the catch-up."""
+                created: bool, head: int, purged_below: int, now: int, online: bool) -> None:
+    """
+    The attached session: ``session_established``, notices (``online``: its
+    claim made the device come online), then the catch-up.
+    """
     # Name and type are those stored at registration (§4.4), not this handshake's.
     session.device_name, session.device_type = device.name, device.type
-    try:
-        online = await node.presence.add(auth.user_id, auth.device_id, session.session_id, now)
-    except Exception as e:
-        log.warn("presence unavailable: {error}", error=str(e))
-        online = False
     if gate.ended():
         return
     node.hub.known_head(auth.user_id, head)
@@ -242,15 +285,6 @@ async def _join(node: "Node", gate: Gate, session: Session, auth: AuthRequest, d
     session.established(head, delivered, device.last_device_seq, auth.resume_from, purged_below)
 
 
-def _socket_limit(s: Settings, device_sockets: int, user_sockets: int) -> Optional[Tuple[str, ProtocolError]]:
-    """(limit name, the 4029 close) when a socket limit is reached (§12)."""
-    if device_sockets >= s.sockets_per_device:
-        return "sockets_per_device", ProtocolError(4029, "Too many sockets for this device; retry after 30 s")
-    if user_sockets >= s.sockets_per_user:
-        return "sockets_per_user", ProtocolError(4029, "Too many sockets for this user; retry after 30 s")
-    return None
-
-
 def depart(node: "Node", session: Session, session_id: str) -> None:
     """
     The connection of an attached session is gone: its cursor goes to the
@@ -269,11 +303,14 @@ def depart(node: "Node", session: Session, session_id: str) -> None:
 
 
 def _removed(offline: bool, node: "Node", session: Session) -> None:
-    if not offline:
-        return
+    if offline:
+        _went_offline(node, session.user_id, session.device_id, session.device_name, session.device_type)
+
+
+def _went_offline(node: "Node", user_id: str, device_id: str, name: Optional[str], dtype: str) -> None:
+    """The device's last socket closed."""
     now = node.now_ms()
     # last_seen is written first (in the batched write after the close), then
     # the other devices are told: a REST read after the notice sees it.
-    d = node.cursors.went_offline(session.user_id, session.device_id, now)
-    d.addCallback(lambda _: node.announce_presence(
-        session.user_id, session.device_id, session.device_name, session.device_type, False, now))
+    d = node.cursors.went_offline(user_id, device_id, now)
+    d.addCallback(lambda _: node.announce_presence(user_id, device_id, name, dtype, False, now))
