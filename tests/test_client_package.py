@@ -8,7 +8,7 @@ install (README, docs/operations.md "The server extra").
 The wheel is built from a copy of the sources (nothing is written into the
 checkout) and installed by pip with its ordinary configuration, so the client
 requirements come from the package index; the virtualenv is made once per
-test process and shared by the tests below. The server runs from the
+trial run and shared by the tests below, across trial workers. The server runs from the
 project's own environment, as in every other integration test
 (``tests.harness``). Nothing here skips: CI must prove the light install.
 ``MissingServerDependencies`` checks the same one-line refusal in memory.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import configparser
+import fcntl
 import io
 import os
 import re
@@ -31,6 +32,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -151,13 +153,60 @@ def server_extra() -> List[str]:
 _venv: Optional[str] = None  # the client-only virtualenv of this test process, once built
 
 
+def _run_directory() -> Optional[str]:
+    """
+    The ``_trial_temp`` directory of this trial run (it holds ``_trial_marker``;
+    a ``-j`` worker runs in a numbered directory below it), or None. Trial
+    empties it at the start of every run, so what is built there is fresh.
+    """
+    here = os.getcwd()
+    for candidate in (here, os.path.dirname(here)):
+        if os.path.exists(os.path.join(candidate, "_trial_marker")):
+            return candidate
+    return None
+
+
 async def client_only_venv() -> str:
-    """A fresh virtualenv holding the wheel without extras (built on first use, then shared)."""
+    """
+    A fresh virtualenv holding the wheel without extras, built once per trial
+    run: the first trial worker that needs it builds it in the run's
+    ``_trial_temp`` under an ``flock`` while the others wait for the lock,
+    then all share it (outside trial: once per process, in a temporary
+    directory).
+    """
     global _venv
     if _venv is not None:
         return _venv
-    top = tempfile.mkdtemp(prefix="pb-client-only-")
-    atexit.register(shutil.rmtree, top, True)
+    run_dir = _run_directory()
+    if run_dir is None:
+        top = tempfile.mkdtemp(prefix="pb-client-only-")
+        atexit.register(shutil.rmtree, top, True)
+        _venv = await _build_client_only_venv(top)
+        return _venv
+    top = os.path.join(run_dir, "client-only")
+    lock = os.open(os.path.join(run_dir, "client-only.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Another worker may be building: wait for the lock without blocking the reactor.
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await deferLater(reactor, 0.2, lambda: None)
+        done = os.path.join(top, "built")
+        if not os.path.exists(done):
+            shutil.rmtree(top, ignore_errors=True)  # a build that failed half-way
+            os.makedirs(top)
+            await _build_client_only_venv(top)
+            open(done, "w").close()
+    finally:
+        os.close(lock)
+    _venv = os.path.join(top, "venv")
+    return _venv
+
+
+async def _build_client_only_venv(top: str) -> str:
+    """Copy the sources, build the wheel, make a virtualenv in ``top`` and install the wheel without extras."""
     src, dist, venv = (os.path.join(top, name) for name in ("src", "dist", "venv"))
     os.makedirs(src)
     for name in SOURCES:
@@ -181,7 +230,6 @@ async def client_only_venv() -> str:
                wheel]
     result = await run(install, top, env, timeout=BUILD_TIMEOUT)
     assert result.code == 0, "installing the wheel without extras failed: {!r}".format(result)
-    _venv = venv
     return venv
 
 
