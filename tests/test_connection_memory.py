@@ -26,22 +26,27 @@ from __future__ import annotations
 import gc
 import os
 import tracemalloc
-from typing import Any, Callable, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, List, Optional, Tuple, cast
 
 import txaio
 
 import pocketbridge
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import MemoryReactorClock
+from klein import Klein
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from pocketbridge.client.handshake import V1Handshake, V2Handshake
 from pocketbridge.client.keys import Identity
 from pocketbridge.protocol import wire
+from pocketbridge.server.accept import Admission, AdmissionFactory
+from pocketbridge.server.api.http import Api
 from pocketbridge.server.gateway.adapter import GatewayProtocol, make_factory
 from pocketbridge.server.gateway.connection import State
 from pocketbridge.server.storage import DeviceState
+from pocketbridge.server.web import Root, build_site
 from tests.conn_fakes import DEVICE, UPGRADE, FakeStorage, FakeTCP, client_frame, make_node, server_frames
 
 #: Connections measured at once (the per-connection figure is the growth / COUNT).
@@ -79,7 +84,7 @@ class IdleConnectionMemoryTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.clock.advance(1_700_000_000)
         txaio.use_twisted()
-        txaio.config.loop = self.clock
+        txaio.config.loop = self.clock  # type: ignore[attr-defined]  # txaio's module-level config
         self.node = make_node(self.clock, conn_per_ip_burst=100_000, conn_per_ip_rate=100_000.0,
                               handshake_failures_per_ip=100_000)
         storage = NewDevices()
@@ -89,7 +94,7 @@ class IdleConnectionMemoryTests(SynchronousTestCase):
 
     def connect(self, version: int) -> Tuple[GatewayProtocol, FakeTCP]:
         """One connection of a new user through the upgrade and the full handshake, LIVE."""
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        proto = cast(GatewayProtocol, self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000)))
         tcp = FakeTCP(self.clock)
         proto.makeConnection(tcp)
         proto.dataReceived(UPGRADE)
@@ -154,3 +159,39 @@ class IdleConnectionMemoryTests(SynchronousTestCase):
         total, own = self.idle_connections(2)
         self.assertLessEqual(total, TOTAL_BOUND, "v2: {:.0f} bytes per idle connection".format(total))
         self.assertLessEqual(own, OWN_BOUND, "v2: {:.0f} bytes per idle connection by pocketbridge".format(own))
+
+
+class _RecordingRoot(Root):
+    """The server's root resource, keeping a weak reference to each request it routes."""
+
+    requests: List["weakref.ReferenceType[Any]"]
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        self.requests.append(weakref.ref(request))
+        return super().getChild(path, request)
+
+
+class UpgradeRequestTests(SynchronousTestCase):
+    """What the HTTP phase leaves behind once /ws has taken the connection over."""
+
+    def test_upgrade_request_is_not_kept_for_the_socket_life(self) -> None:
+        """Through the real accept stack and site, the upgrade's HTTP request (headers, channel) is freed once the socket is open."""
+        clock = MemoryReactorClock()
+        txaio.use_twisted()
+        txaio.config.loop = clock  # type: ignore[attr-defined]
+        node = make_node(clock)
+        root = _RecordingRoot(node, Klein(), make_factory(node), Api(Klein(), node, None))  # type: ignore[arg-type]
+        root.requests = []
+        factory = AdmissionFactory(build_site(root, clock), Admission(clock, per_ip=10, node_cap=10, reserved=0))
+        addr = IPv4Address("TCP", "10.0.0.1", 40000)
+        wrapper = factory.buildProtocol(addr)
+        transport = StringTransport(peerAddress=addr)
+        wrapper.makeConnection(transport)
+        wrapper.dataReceived(UPGRADE)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 101"), transport.value()[:80])
+        gateway = wrapper.wrappedProtocol
+        self.assertIsInstance(gateway, GatewayProtocol)
+        self.assertIs(gateway.machine.state, State.AWAIT_HELLO)
+        self.assertEqual(len(root.requests), 1)
+        gc.collect()
+        self.assertIsNone(root.requests[0](), "the upgrade request is still referenced")
