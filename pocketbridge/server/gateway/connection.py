@@ -117,6 +117,9 @@ class _Timer:
         self.machine.timers.remove(self)
         self.fn(*self.args)
 
+    def __repr__(self) -> str:  # what a DelayedCall shows for its function
+        return "<timer {!r}>".format(self.fn)
+
 
 class ConnectionMachine:
     """
