@@ -205,6 +205,7 @@ class AdmittedConnection(ProtocolWrapper):
             self._http = False
             self._cancel()
             self._release_http_producer()
+            self.channel = None  # the HTTP channel and its upgrade request would stay for the socket's life
 
     def _release_http_producer(self) -> None:
         """

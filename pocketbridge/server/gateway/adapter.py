@@ -56,7 +56,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
         self.token: Optional[FailureToken] = None
         self.ip = ""
         self.unexpected = 0  # frames before authentication that were no handshake step (§4.3)
-        self.queued: List[Tuple[str, Dict[str, Any]]] = []  # frames read while admitting
+        self.queued: Optional[List[Tuple[str, Dict[str, Any]]]] = None  # frames read while admitting
         self.heartbeat: Optional[Heartbeat] = None  # from onConnect
         self.failure_wait = 0.0
         self.outbound: Optional[Outbound] = None
@@ -79,8 +79,8 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
             # the session holds them until the head is known.
             session = self.session
             assert session is not None
-            queued, self.queued = self.queued, []
-            for msg_type, fields in queued:
+            queued, self.queued = self.queued, None
+            for msg_type, fields in queued or ():
                 session.on_frame(msg_type, fields)
             self._apply_hold()  # read again: the session pauses reading itself until the head is known
         elif new is State.LIVE:
@@ -140,13 +140,28 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
         s = node.settings
         self.outbound = Outbound(
             self.transport, node.clock, s.preauth_outbound_bytes, s.outbound_pause_bytes, s.outbound_resume_bytes,
-            s.slow_consumer_timeout, self._outbound_paused, self._outbound_resumed, self._outbound_stalled)
+            s.slow_consumer_timeout, self)
         try:
             cast(Any, self.transport).registerProducer(self.outbound, True)
         except Exception as e:  # a transport without producer support: resume from the timer only
             log.warn("outbound flow control unavailable: {error}", error=str(e))
         self.maxMessagePayloadSize = s.max_preauth_message_bytes
         self.maxFramePayloadSize = s.max_preauth_message_bytes
+        self._forget_upgrade()
+
+    def _forget_upgrade(self) -> None:
+        """
+        Drop Autobahn's record of the HTTP upgrade (the request and response
+        text, the headers, the request line): ``onConnect`` has read what it
+        needed, and Autobahn's server side reads none of these public
+        attributes once the connection is open, yet each socket would keep
+        them (~1.5 KB) for its whole life. Each gets an empty value of its type.
+        """
+        self.http_headers = {}
+        self.http_request_data = b""
+        self.http_response_data = ""
+        self.http_status_line = ""
+        self.http_request_uri = ""
 
     def _open(self) -> bool:
         """Frames are handled and written: the machine and Autobahn both say the connection is open."""
@@ -200,6 +215,8 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
         if self.session is not None and self.machine.has_session:
             self.session.on_frame(msg_type, fields)
         elif self.machine.state is State.ADMITTING:
+            if self.queued is None:
+                self.queued = []
             self.queued.append((msg_type, fields))
         else:
             self._preauth(msg_type, fields)
@@ -265,6 +282,9 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
                 return
             if msg_type == "client_auth" and state is State.AWAIT_AUTH:
                 auth = hs.client_auth(fields)
+                # The handshake is done with (its ephemeral key included): nothing
+                # after AUTH reads it, and a socket would keep it for its whole life.
+                self.handshake = None
                 self.machine.feed(Input.AUTH)
                 d = Deferred.fromCoroutine(admit(self.node, _Gate(self), _Conn(self), auth, self.session_id))
                 d.addErrback(self._auth_error)
@@ -330,6 +350,7 @@ class GatewayProtocol(FlowControl, WebSocketServerProtocol):  # type: ignore[mis
         metrics.CONNECTIONS.labels(state="authenticated").inc()
         if self.token is not None:
             self.token.give_back()
+            self.token = None  # no handshake failure can follow: nothing left to spend or give back
         s = self.node.settings
         self.maxMessagePayloadSize = s.max_message_bytes
         self.maxFramePayloadSize = s.max_message_bytes

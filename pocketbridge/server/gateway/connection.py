@@ -88,16 +88,37 @@ for _input in Input:
     TRANSITIONS.setdefault((_S.GONE, _input), None)
 del _state, _input
 
+#: Each state alone (the default states of a timer), built once rather than per timer.
+_ONLY: Dict[State, FrozenSet[State]] = {_s: frozenset({_s}) for _s in State}
+
 #: Seconds before an unanswered "Heartbeat timeout" close drops the TCP connection.
 HEARTBEAT_CLOSE_GRACE = 5.0
 
 
 class _Timer:
-    __slots__ = ("states", "call")
+    """
+    One armed timer, and the function its DelayedCall runs: firing forgets
+    the timer, then calls ``fn(*args)``. Being the callable itself, it keeps
+    a timer down to this object and the DelayedCall (no closure and cells
+    per timer; a LIVE connection holds two or three for hours).
+    """
 
-    def __init__(self, states: FrozenSet[State], call: Any) -> None:
+    __slots__ = ("machine", "states", "fn", "args", "call")
+
+    def __init__(self, machine: "ConnectionMachine", states: FrozenSet[State], fn: Callable[..., Any],
+                 args: Tuple[Any, ...]) -> None:
+        self.machine = machine
         self.states = states
-        self.call = call
+        self.fn = fn
+        self.args = args
+        self.call: Any = None
+
+    def __call__(self) -> None:
+        self.machine.timers.remove(self)
+        self.fn(*self.args)
+
+    def __repr__(self) -> str:  # what a DelayedCall shows for its function
+        return "<timer {!r}>".format(self.fn)
 
 
 class ConnectionMachine:
@@ -108,6 +129,8 @@ class ConnectionMachine:
     transition, once the timers of the old state are cancelled; the gateway
     does the work of the transition there (metrics, reading, drop timers).
     """
+
+    __slots__ = ("clock", "state", "on_enter", "reached", "timers")  # one per connection: no __dict__
 
     def __init__(self, clock: Any, on_enter: Callable[[State, State, Input], None]) -> None:
         self.clock = clock
@@ -144,16 +167,11 @@ class ConnectionMachine:
         the current state); its DelayedCall, or None (nothing armed) when the
         machine is not in ``states`` now (it left them while the caller ran).
         """
-        live_in = states if states is not None else frozenset({self.state})
+        live_in = states if states is not None else _ONLY[self.state]
         if self.state not in live_in:
             return None
-        timer = _Timer(live_in, None)
-
-        def fire() -> None:
-            self.timers.remove(timer)
-            fn(*args)
-
-        timer.call = self.clock.callLater(seconds, fire)
+        timer = _Timer(self, live_in, fn, args)
+        timer.call = self.clock.callLater(seconds, timer)
         self.timers.append(timer)
         return timer.call
 
@@ -195,6 +213,8 @@ class Heartbeat:
     ``timeout`` seconds, not counting time the connection's reading was
     paused (a paused socket cannot read the pong). Its timer belongs to LIVE.
     """
+
+    __slots__ = ("machine", "interval", "timeout", "send_ping", "lost", "last_pong", "paused_since", "paused_total")
 
     def __init__(self, machine: ConnectionMachine, interval: float, timeout: float,
                  send_ping: Callable[[], None], lost: Callable[[], None]) -> None:

@@ -48,8 +48,28 @@ def replay_page(events: List[StoredEvent], more: bool, remaining: int, pos: int)
     return wire.encode("replay_response", payload)
 
 
+class _Outstanding:
+    """The events a v1 socket sent that acks have not balanced yet, by the sender's device_seq."""
+
+    __slots__ = ("sent", "acks", "seqs", "heap")
+
+    def __init__(self) -> None:
+        self.sent: Dict[int, int] = {}  # device_seq → events sent and not yet balanced
+        self.acks: Dict[int, int] = {}
+        self.seqs: Dict[int, Set[int]] = {}  # device_seq → seqs of unbalanced events
+        self.heap: List[Tuple[int, int]] = []  # (seq, device_seq), lazily cleaned
+
+
 class V1Tracker:
-    """What one v1 socket sent, what the device acknowledged, and the cursor that follows."""
+    """
+    What one v1 socket sent, what the device acknowledged, and the cursor that follows.
+
+    The bookkeeping of unacknowledged events (``_Outstanding``: three dicts
+    and a heap) exists only while something is unacknowledged: a socket with
+    everything acked, the idle case, holds none of it.
+    """
+
+    __slots__ = ("start", "head", "backlog_pos", "live_pos", "max_tracked", "_out", "_tracked", "frozen", "_best")
 
     def __init__(self, start: int, head: int, max_tracked: int = 10_000) -> None:
         self.start = start
@@ -57,11 +77,8 @@ class V1Tracker:
         self.backlog_pos = start if start < head else head  # backlog covered up to here
         self.live_pos = head  # live events handled (sent or not due) up to here, contiguously
         self.max_tracked = max_tracked
-        self._sent: Dict[int, int] = {}  # device_seq → events sent and not yet balanced
-        self._acks: Dict[int, int] = {}
-        self._seqs: Dict[int, Set[int]] = {}  # device_seq → seqs of unbalanced events
-        self._heap: List[Tuple[int, int]] = []  # (seq, device_seq), lazily cleaned
-        self._tracked = 0
+        self._out: Optional[_Outstanding] = None  # None: nothing sent is unbalanced
+        self._tracked = 0  # events in ``_out`` (the sum of its ``sent``)
         self.frozen: Optional[int] = None  # cursor value when tracking overflowed
         self._best = start
 
@@ -70,9 +87,12 @@ class V1Tracker:
         """An event was written to the socket."""
         if self.frozen is not None:
             return
-        self._sent[device_seq] = self._sent.get(device_seq, 0) + 1
-        self._seqs.setdefault(device_seq, set()).add(seq)
-        heapq.heappush(self._heap, (seq, device_seq))
+        out = self._out
+        if out is None:
+            out = self._out = _Outstanding()
+        out.sent[device_seq] = out.sent.get(device_seq, 0) + 1
+        out.seqs.setdefault(device_seq, set()).add(seq)
+        heapq.heappush(out.heap, (seq, device_seq))
         self._tracked += 1
         if self._tracked > self.max_tracked:
             self.frozen = self.delivered()
@@ -94,30 +114,38 @@ class V1Tracker:
     # acks coming in
     def expects_ack(self, device_seq: int) -> bool:
         """True when an ack for ``device_seq`` would match an event sent on this socket."""
-        return self._sent.get(device_seq, 0) > self._acks.get(device_seq, 0)
+        out = self._out
+        return out is not None and out.sent.get(device_seq, 0) > out.acks.get(device_seq, 0)
 
     def ack(self, device_seq: int) -> bool:
         """Count an ack; False when it matches nothing (ignored)."""
-        if not self.expects_ack(device_seq):
+        out = self._out
+        if out is None or not self.expects_ack(device_seq):
             return False
-        acks = self._acks.get(device_seq, 0) + 1
-        if acks == self._sent[device_seq]:
+        acks = out.acks.get(device_seq, 0) + 1
+        if acks == out.sent[device_seq]:
             # Balanced: every event sent with this device_seq is acknowledged.
             self._tracked -= acks
-            del self._sent[device_seq]
-            self._acks.pop(device_seq, None)
-            self._seqs.pop(device_seq, None)
+            del out.sent[device_seq]
+            out.acks.pop(device_seq, None)
+            out.seqs.pop(device_seq, None)
+            if self._tracked == 0:
+                self._out = None  # all balanced; what is left in the heap is stale
         else:
-            self._acks[device_seq] = acks
+            out.acks[device_seq] = acks
         return True
 
     def lowest_unacked(self) -> Optional[int]:
         """The lowest seq sent and not yet acknowledged."""
-        while self._heap:
-            seq, d = self._heap[0]
-            if seq in self._seqs.get(d, ()):
+        out = self._out
+        if out is None:
+            return None
+        heap = out.heap
+        while heap:
+            seq, d = heap[0]
+            if seq in out.seqs.get(d, ()):
                 return seq
-            heapq.heappop(self._heap)
+            heapq.heappop(heap)
         return None
 
     def delivered(self) -> int:

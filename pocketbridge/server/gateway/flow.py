@@ -14,7 +14,7 @@ left it for ``slow_consumer_timeout`` (stall). Reactor thread only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -52,9 +52,14 @@ class Outbound:
     (a no-op here) and ``resumeProducing`` when the buffer is empty.
     """
 
+    # One per connection: slots, and the connection it reports to rather than
+    # a bound method per callback.
+    __slots__ = ("tcp", "clock", "limit", "pause_bytes", "resume_bytes", "stall_timeout", "owner", "flow", "written",
+                 "drained_mark", "paused", "timer", "progress_at", "progress_drained")
+
     def __init__(
         self, transport: Any, clock: Any, limit: int, pause_bytes: int, resume_bytes: int, stall_timeout: float,
-        on_pause: Callable[[], None], on_resume: Callable[[], None], on_stall: Callable[[], None],
+        owner: "FlowControl",
     ) -> None:
         self.tcp = tcp_transport(transport)
         self.clock = clock
@@ -62,9 +67,7 @@ class Outbound:
         self.pause_bytes = pause_bytes
         self.resume_bytes = min(resume_bytes, pause_bytes)
         self.stall_timeout = stall_timeout
-        self.on_pause = on_pause
-        self.on_resume = on_resume
-        self.on_stall = on_stall
+        self.owner = owner  # told when delivery pauses, resumes or stalls
         self.flow = False  # pause/resume delivery (after authentication)
         self.written = 0  # bytes handed to the transport, ever
         self.drained_mark = 0  # without a known buffer: ``written`` when it was last empty
@@ -91,7 +94,7 @@ class Outbound:
             self.progress_at = self.clock.seconds()
             self.progress_drained = self.written - self.unsent()
             self.timer = self.clock.callLater(min(TICK, self.stall_timeout), self._tick)
-            self.on_pause()
+            self.owner._outbound_paused()
 
     def _tick(self) -> None:
         self.timer = None
@@ -108,14 +111,14 @@ class Outbound:
             self.progress_at = now
         elif now - self.progress_at >= self.stall_timeout:
             self.paused = False
-            self.on_stall()
+            self.owner._outbound_stalled()
             return
         self.timer = self.clock.callLater(min(TICK, self.stall_timeout), self._tick)
 
     def _resume(self) -> None:
         self.paused = False
         self._cancel()
-        self.on_resume()
+        self.owner._outbound_resumed()
 
     def _cancel(self) -> None:
         if self.timer is not None and self.timer.active():

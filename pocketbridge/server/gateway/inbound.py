@@ -155,18 +155,29 @@ class _Slot:
 
 
 class Inbound:
-    """The frames one socket reads, handled in arrival order and answered in that order."""
+    """
+    The frames one socket reads, handled in arrival order and answered in that order.
+
+    One per authenticated socket, so nothing is held while there is nothing
+    to hold: the two queues exist only while they have entries (an empty
+    deque costs ~760 bytes) and the frame bucket from the first frame that
+    takes a token (a bucket made then is full, as one made at the start
+    would be by then).
+    """
+
+    __slots__ = ("host", "answers", "delivery", "settings", "inbox", "frame_bucket", "outcomes", "pending_bytes",
+                 "reading_paused", "wake", "final_close")
 
     def __init__(self, host: Host, answers: Answers, delivery: Delivery) -> None:
         self.host = host
         self.answers = answers
         self.delivery = delivery
-        node = host.node
-        s = node.settings
-        self.settings = s
-        self.inbox: Deque[Tuple[str, Dict[str, Any]]] = deque()
-        self.frame_bucket = TokenBucket(s.frames_per_socket_rate, s.frames_per_socket_burst, node.clock.seconds)
-        self.outcomes: Deque[_Slot] = deque()
+        self.settings = host.node.settings
+        #: Frames read and not yet handled (None: none).
+        self.inbox: Optional[Deque[Tuple[str, Dict[str, Any]]]] = None
+        self.frame_bucket: Optional[TokenBucket] = None  # frames_per_socket_*, from the first frame it counts
+        #: Answers owed, in arrival order (None: none).
+        self.outcomes: Optional[Deque[_Slot]] = None
         self.pending_bytes = 0  # payload bytes submitted to the writer and not yet committed
         self.reading_paused = False
         self.wake: Any = None  # the timer of a frame waiting for tokens
@@ -178,12 +189,16 @@ class Inbound:
         """A parsed client frame arrived; queue it in arrival order."""
         if self.host.stopped:
             return
+        if self.inbox is None:
+            self.inbox = deque()
         self.inbox.append((msg_type, fields))
         self.pump()
 
     def push_first(self, msg_type: str, fields: Dict[str, Any]) -> None:
         """Queue the server's own request ahead of the client's frames; it takes no tokens."""
         fields[SERVER_REQUEST] = True
+        if self.inbox is None:
+            self.inbox = deque()
         self.inbox.appendleft((msg_type, fields))
 
     def _blocked(self) -> bool:
@@ -203,7 +218,9 @@ class Inbound:
                 break
             self.inbox.popleft()
             self._handle(msg_type, fields)
-        self.set_reading(not self.inbox and not self._blocked())
+        if not self.inbox:
+            self.inbox = None  # dropped once empty (an idle socket holds no deque)
+        self.set_reading(self.inbox is None and not self._blocked())
 
     def _woken(self) -> None:
         self.wake = None
@@ -229,7 +246,11 @@ class Inbound:
             return 0.0
         node = self.host.node
         host = self.host
-        buckets: List[Tuple[TokenBucket, float, str]] = [(self.frame_bucket, 1.0, "frames_per_socket")]
+        frames = self.frame_bucket
+        if frames is None:
+            s = self.settings
+            frames = self.frame_bucket = TokenBucket(s.frames_per_socket_rate, s.frames_per_socket_burst, node.clock.seconds)
+        buckets: List[Tuple[TokenBucket, float, str]] = [(frames, 1.0, "frames_per_socket")]
         if msg_type == "event":
             p = fields.get("encrypted_payload")
             size = len(p) if isinstance(p, str) else 0
@@ -286,8 +307,7 @@ class Inbound:
             log.debug("event rejected: {reason}", reason=checked.reason)  # counted in a metric; a client could flood info
             self._answer_now(self.answers.rejected(checked.code, checked.reason, checked.device_seq, checked.event_id))
             return
-        slot = _Slot()
-        self.outcomes.append(slot)
+        slot = self._owe()
         event = checked.event
         assert event is not None
         self.pending_bytes += event.payload_size
@@ -324,12 +344,19 @@ class Inbound:
         self.pending_bytes -= event.payload_size
         self.host.failed(failure)
 
+    def _owe(self) -> _Slot:
+        """A new place at the end of the answer order."""
+        slot = _Slot()
+        if self.outcomes is None:
+            self.outcomes = deque()
+        self.outcomes.append(slot)
+        return slot
+
     def _answer_now(self, frame: bytes) -> None:
         """An answer decided without storage, sent after the answers before it."""
-        slot = _Slot()
+        slot = self._owe()
         slot.frame = frame
         slot.done = True
-        self.outcomes.append(slot)
         self._send_acks()
 
     def _send_acks(self) -> None:
@@ -337,8 +364,10 @@ class Inbound:
             slot = self.outcomes.popleft()
             if slot.frame is not None and not self.host.closed:
                 self.host.conn.send(slot.frame)
-        if self.final_close is not None and not self.outcomes:
-            self.host.close(self.final_close.code, self.final_close.reason)
+        if not self.outcomes:
+            self.outcomes = None
+            if self.final_close is not None:
+                self.host.close(self.final_close.code, self.final_close.reason)
 
     # ------------------------------------------------------------ ending
 
@@ -347,7 +376,7 @@ class Inbound:
         if self.final_close is not None:
             return
         self.final_close = error
-        self.inbox.clear()
+        self.inbox = None
         self.set_reading(False)
         if not self.outcomes:
             self.host.close(error.code, error.reason)

@@ -31,12 +31,16 @@ FIRST_PAGE = 100
 class V1Outbound:
     """The outbound side of one v1 socket: pages on request, live relay, backfill after a pause."""
 
+    __slots__ = ("host", "settings", "busy", "head", "early_live", "tracker", "replay_pos", "replay_remaining",
+                 "backfilling", "live_seen", "live_last")
+
     def __init__(self, host: Host) -> None:
         self.host = host
         self.settings = host.node.settings
         self.busy = False  # a replay page is being read: the inbound queue waits
         self.head: Optional[int] = None  # H; None until read
-        self.early_live: List[Tuple[StoredEvent, bytes]] = []  # routed before H was read
+        #: Routed before H was read (None: none; never again once H is known).
+        self.early_live: Optional[List[Tuple[StoredEvent, bytes]]] = None
         self.tracker: Optional[V1Tracker] = None
         self.replay_pos = 0
         self.replay_remaining: Optional[int] = None
@@ -52,8 +56,8 @@ class V1Outbound:
         start = min(delivered_seq, head)
         self.replay_pos = start
         self.tracker = V1Tracker(start, head, self.settings.v1_unacked_tracked)
-        early, self.early_live = self.early_live, []
-        for event, frame in early:
+        early, self.early_live = self.early_live, None
+        for event, frame in early or ():
             self.deliver_live(event, frame)
         if last_device_seq == 0 and start < head:
             # v1 clients only ask for pages when they think they have stored
@@ -133,6 +137,8 @@ class V1Outbound:
         if self.host.closed:
             return
         if self.head is None:
+            if self.early_live is None:
+                self.early_live = []
             self.early_live.append((event, frame))
             return
         if event.seq <= self.live_last:

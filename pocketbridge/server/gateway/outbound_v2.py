@@ -27,7 +27,16 @@ from pocketbridge.server.gateway.inbound import Host, error_frame
 
 
 class V2Outbound:
-    """The outbound stream of one v2 socket under its window."""
+    """
+    The outbound stream of one v2 socket under its window.
+
+    Its two queues exist only while they have entries (an empty deque costs
+    ~760 bytes, more than the rest of the object): an idle socket holds neither.
+    """
+
+    __slots__ = ("host", "settings", "busy", "head", "pos", "catching_up", "known_head", "held", "unacked",
+                 "unacked_bytes", "acked", "highest_sent", "delivered", "reading", "generation", "remaining",
+                 "last_progress", "slow_timer")
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -37,8 +46,10 @@ class V2Outbound:
         self.pos = 0
         self.catching_up = True
         self.known_head = 0
-        self.held: Deque[StoredEvent] = deque()  # read from storage, waiting for window room
-        self.unacked: Deque[List[int]] = deque()  # [seq, payload bytes]
+        #: Read from storage, waiting for window room (None: none).
+        self.held: Optional[Deque[StoredEvent]] = None
+        #: [seq, payload bytes] of each event sent and not yet acknowledged, in seq order (None: none).
+        self.unacked: Optional[Deque[List[int]]] = None
         self.unacked_bytes = 0
         self.acked = 0
         self.highest_sent = 0
@@ -64,8 +75,8 @@ class V2Outbound:
         self.known_head = max(self.known_head, head)
         self.catching_up = True
         self.remaining = None
-        self.held.clear()
-        self.unacked.clear()
+        self.held = None
+        self.unacked = None
         self.unacked_bytes = 0
         if purged_below and start < purged_below - 1:
             self.host.conn.send(wire.encode("resync_required", {"reason": "retention", "oldest_seq": purged_below}))
@@ -75,7 +86,9 @@ class V2Outbound:
 
     def matches_delivery(self, fields: Dict[str, Any]) -> bool:
         seq = fields.get("seq")
-        return bool(self.unacked) and type(seq) is int and seq >= self.unacked[0][0]
+        if not self.unacked:
+            return False
+        return type(seq) is int and seq >= self.unacked[0][0]
 
     def on_ack(self, fields: Dict[str, Any]) -> None:
         """A cumulative ack: everything sent up to ``seq`` is delivered; the window opens."""
@@ -92,6 +105,8 @@ class V2Outbound:
             _, size = self.unacked.popleft()
             self.unacked_bytes -= size
             released = True
+        if not self.unacked:
+            self.unacked = None
         if seq <= self.acked and not released:
             return
         self.acked = max(self.acked, seq)
@@ -134,6 +149,8 @@ class V2Outbound:
 
     def _track(self, event: StoredEvent) -> None:
         size = len(event.encrypted_payload)
+        if self.unacked is None:
+            self.unacked = deque()
         self.unacked.append([event.seq, size])
         self.unacked_bytes += size
         self.highest_sent = max(self.highest_sent, event.seq)
@@ -177,6 +194,8 @@ class V2Outbound:
             self._track(event)
             host.conn.send(wire.encode("event", relay_payload(event)))
             metrics.EVENTS_RELAYED.labels(path="live").inc()
+        if not self.held:
+            self.held = None
         if self.held or self.reading:
             self._watch_slow()
             return
@@ -199,7 +218,7 @@ class V2Outbound:
         host = self.host
         node = host.node
         s = self.settings
-        room = max(1, s.v2_window_events - len(self.unacked))
+        room = max(1, s.v2_window_events - len(self.unacked or ()))
         room_bytes = max(1, min(s.v2_window_bytes - self.unacked_bytes, page_bytes(s)))
         now = node.now_ms()
         if self.catching_up and self.remaining is None:
@@ -222,7 +241,10 @@ class V2Outbound:
                 host.conn.send(replay_page(events, more, remaining, new_pos))
         else:
             self.pos = new_pos
-            self.held.extend(events)
+            if events:
+                if self.held is None:
+                    self.held = deque()
+                self.held.extend(events)
         self._push()
 
     def _read_failed(self, failure: Failure) -> None:

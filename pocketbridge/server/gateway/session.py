@@ -12,6 +12,7 @@ here; the work is in the parts it composes.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Protocol, Tuple
 
@@ -69,6 +70,10 @@ PROFILES: Dict[int, Profile] = {
 class Session:
     """One authenticated socket of a device."""
 
+    # One per authenticated socket: attributes in slots, no __dict__ each.
+    __slots__ = ("node", "conn", "user_id", "device_id", "session_id", "version", "device_name", "device_type",
+                 "profile", "joined", "out_paused", "stopped", "closed", "outbound", "inbound")
+
     def __init__(
         self, node: "Node", conn: Conn, user_id: str, device_id: str, session_id: str, version: int,
         device_name: Optional[str], device_type: str,
@@ -96,7 +101,7 @@ class Session:
     @property
     def inbox(self) -> Deque[Tuple[str, Dict[str, Any]]]:
         """Frames read and not yet handled."""
-        return self.inbound.inbox
+        return self.inbound.inbox if self.inbound.inbox is not None else deque()
 
     @property
     def reading_paused(self) -> bool:
