@@ -22,8 +22,8 @@ class State(enum.Enum):
     UPGRADING = "upgrading"  # HTTP upgrade under way (per-IP limits, failure token)
     AWAIT_HELLO = "await_hello"  # open; waiting for client_hello
     AWAIT_AUTH = "await_auth"  # server_hello sent; waiting for client_auth
-    ADMITTING = "admitting"  # client_auth valid; revocation and socket limits checked; reading held
-    JOINING = "joining"  # session attached to the hub; registering and reading the head
+    ADMITTING = "admitting"  # client_auth valid; socket slot claimed, subscribed, registered + head read; reading held
+    JOINING = "joining"  # session attached to the connection; session_established about to be sent
     LIVE = "live"  # session_established sent: heartbeat and session expiry run
     CLOSING = "closing"  # our close frame is sent; waiting for the peer (or the drop timer)
     ABORTED = "aborted"  # TCP aborted; waiting for Autobahn's onClose
