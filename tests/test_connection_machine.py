@@ -240,7 +240,7 @@ class GatewayLifecycleTests(SynchronousTestCase):
         presence.answer()
         self.assertEqual(self.storage.registrations, [])
         self.assertIsNone(proto.session)
-        self.assertEqual(presence.devices, {})
+        self.assertEqual((presence.users, presence.node_summary()), ({}, (0, 0)))
 
     def test_joining_attaches_the_session_and_ends_the_handshake_deadline(self) -> None:
         """ADMITTING -> JOINING: queued frames go to the session, the deadline is cancelled; nothing times out at 30 s."""

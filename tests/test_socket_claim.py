@@ -282,6 +282,34 @@ class LocalPresenceContractTests(PresenceContract, TestCase):
         return LocalPresence()
 
 
+class _NoScan(dict):  # type: ignore[type-arg]
+    """A dict that fails any walk over all its entries (lookups by key still work)."""
+
+    def _scan(self, *args: Any) -> Any:
+        raise AssertionError("walked over every user's presence")
+
+    items = values = keys = __iter__ = _scan
+
+
+class LocalPresenceCostTests(SynchronousTestCase):
+    """LocalPresence answers from the user's own entries and counters: nothing walks over other users."""
+
+    def test_no_operation_walks_every_user(self) -> None:
+        """With 1,000 other users online, claim, user_sockets, node_summary and remove never iterate over all users."""
+        presence = LocalPresence()
+        for i in range(1000):
+            presence.claim("%064x" % i, PresenceContract.DEV_A, "s%d" % i, 1, 5, 50)
+        presence.users = _NoScan(presence.users)
+        user = PresenceContract.USER
+        self.assertEqual(self.successResultOf(presence.claim(user, PresenceContract.DEV_A, "mine", 7, 5, 50)),
+                         Claim(None, True))
+        self.assertEqual(self.successResultOf(presence.user_sockets(user)), {PresenceContract.DEV_A: {"mine": 7}})
+        self.assertEqual(presence.node_summary(), (1001, 1001))
+        self.assertTrue(self.successResultOf(presence.remove(user, PresenceContract.DEV_A, "mine")))
+        self.assertEqual(presence.node_summary(), (1000, 1000))
+        self.assertEqual(self.successResultOf(presence.user_sockets(user)), {})
+
+
 class RedisPresenceContractTests(PresenceContract, TestCase):
     """The contract on RedisPresence against the test Redis (127.0.0.1:6379), with a key prefix of its own."""
 

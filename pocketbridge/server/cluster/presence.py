@@ -71,11 +71,17 @@ class Presence(Protocol):
 
 
 class LocalPresence:
-    """Presence of this process's sockets only."""
+    """
+    Presence of this process's sockets only. Every operation is O(1) in the
+    number of other users and sockets on the node: entries are kept per user,
+    and the node's totals are counters.
+    """
 
     def __init__(self) -> None:
-        self.devices: Dict[Tuple[str, str], Dict[str, int]] = {}
-        self.per_user: Dict[str, int] = {}  # live sockets per user (kept so counts are O(1))
+        self.users: Dict[str, Dict[str, Dict[str, int]]] = {}  # user → device → {socket: auth_ms}
+        self.per_user: Dict[str, int] = {}  # live sockets per user
+        self.sockets = 0  # live sockets on this node
+        self.online = 0  # devices with at least one live socket on this node
 
     def claim(self, user_id: str, device_id: str, socket_id: str, auth_ms: int,
               max_device: int, max_user: int) -> "Deferred[Claim]":
@@ -84,8 +90,8 @@ class LocalPresence:
         user fewer than ``max_user`` live sockets (the socket itself not
         counted); answered at once, so no other claim runs in between.
         """
-        key = (user_id, device_id)
-        sockets = self.devices.get(key, {})
+        devices = self.users.get(user_id)
+        sockets = devices.get(device_id, {}) if devices is not None else {}
         again = 1 if socket_id in sockets else 0  # a claim of a held socket renews it
         device_count = len(sockets) - again
         user_count = self.per_user.get(user_id, 0) - again
@@ -95,33 +101,40 @@ class LocalPresence:
             return succeed(Claim(SOCKETS_PER_USER))
         if not again:
             self.per_user[user_id] = user_count + 1
-        self.devices.setdefault(key, sockets)[socket_id] = auth_ms
+            self.sockets += 1
+            if not sockets:
+                self.online += 1
+        self.users.setdefault(user_id, {}).setdefault(device_id, sockets)[socket_id] = auth_ms
         return succeed(Claim(None, online=device_count == 0))
 
     def remove(self, user_id: str, device_id: str, socket_id: str) -> "Deferred[bool]":
         """Forget a socket; True when the device just went offline."""
-        key = (user_id, device_id)
-        sockets = self.devices.get(key)
-        if not sockets or socket_id not in sockets:
+        devices = self.users.get(user_id)
+        sockets = devices.get(device_id) if devices is not None else None
+        if devices is None or not sockets or socket_id not in sockets:
             return succeed(False)
         del sockets[socket_id]
+        self.sockets -= 1
         left = self.per_user.get(user_id, 1) - 1
         if left > 0:
             self.per_user[user_id] = left
         else:
             self.per_user.pop(user_id, None)
-        if not sockets:
-            del self.devices[key]
-            return succeed(True)
-        return succeed(False)
+        if sockets:
+            return succeed(False)
+        del devices[device_id]
+        self.online -= 1
+        if not devices:
+            del self.users[user_id]
+        return succeed(True)
 
     def user_sockets(self, user_id: str) -> "Deferred[SocketMap]":
         """device_id → {socket: auth_ms} for the user's live sockets."""
-        return succeed({d: dict(s) for (u, d), s in self.devices.items() if u == user_id})
+        return succeed({d: dict(s) for d, s in self.users.get(user_id, {}).items()})
 
     def node_summary(self) -> Tuple[int, int]:
         """(sockets, devices online) on this node."""
-        return sum(len(s) for s in self.devices.values()), len(self.devices)
+        return self.sockets, self.online
 
     def refresh(self) -> "Deferred[None]":
         """Nothing expires in-process."""
