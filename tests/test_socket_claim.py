@@ -29,7 +29,7 @@ from zope.interface import provider
 from pocketbridge.client.handshake import V1Handshake
 from pocketbridge.client.keys import Identity
 from pocketbridge.server.cluster.presence import (
-    SOCKETS_PER_DEVICE, SOCKETS_PER_USER, Claim, LocalPresence, Presence, RedisPresence,
+    REFRESH_CHUNK, SOCKETS_PER_DEVICE, SOCKETS_PER_USER, Claim, LocalPresence, Presence, RedisPresence,
 )
 from pocketbridge.server.context import CursorBook, Node
 from pocketbridge.server.fanout.redisconn import RedisConnection
@@ -361,6 +361,36 @@ class RedisPresenceContractTests(PresenceContract, TestCase):
         self.assertEqual((await self.claims(presence, [(self.DEV_A, "s2")], 1, 1))[0], Claim(None, True))
         self.assertEqual(await presence.sweep(self.now), [])
         self.assertEqual(await presence.user_sockets(self.USER), {self.DEV_A: {"n1|s2": 1000}})
+
+    async def test_refresh_renews_every_entry_in_few_round_trips(self) -> None:
+        """600 sockets of this node: a refresh keeps all of them live past their first lifetime, in ceil(600 / REFRESH_CHUNK) commands to Redis."""
+        presence = await self.make()
+        devices = ["%08x-0000-4000-8000-000000000000" % d for d in range(30)]
+        sockets = [(devices[i % 30], "s%d" % i) for i in range(600)]
+        held = await self.claims(presence, sockets, 1000, 1000)
+        self.assertEqual({c.refused for c in held}, {None})
+        real = presence._conn()
+        sent: List[str] = []
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                sent.append(name)
+                return getattr(real, name)
+
+        self.now += presence.ttl_ms - 1000
+        self.patch(presence, "_conn", lambda: Counting())
+        await presence.refresh()
+        self.assertEqual(len(sent), -(-600 // REFRESH_CHUNK))
+        self.assertEqual(set(sent), {"eval"})
+        self.patch(presence, "_conn", lambda: real)
+        self.now += 2000  # past the first lifetime, inside the renewed one
+        live = await presence.user_sockets(self.USER)
+        self.assertEqual(sum(len(s) for s in live.values()), 600)
+        self.assertEqual(len(live), 30)
+        members = await real.smembers(presence.users_key)
+        self.assertEqual({m.decode() if isinstance(m, bytes) else m for m in members}, {self.USER})
+        ttl_left = await real.execute_command("PTTL", presence._key(self.USER))
+        self.assertGreater(int(ttl_left), presence.ttl_ms - 5000)
 
     async def test_redis_down_the_claim_fails_and_remove_forgets_it(self) -> None:
         """Without a connection the claim raises and the socket stays in ``local`` (the caller admits it; the refresh records it later) until removed."""

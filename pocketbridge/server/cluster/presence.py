@@ -209,6 +209,22 @@ return out
 """
 
 
+#: Sockets renewed by one refresh script.
+REFRESH_CHUNK = 256
+
+# Lua: renew entries. KEYS[1] the users set, KEYS[i > 1] the hash of entry i - 1;
+# ARGV[1] the TTL in ms, then per entry its field, value and user id.
+_REFRESH = """
+for i = 2, #KEYS do
+  local j = 2 + (i - 2) * 3
+  redis.call('HSET', KEYS[i], ARGV[j], ARGV[j + 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  redis.call('SADD', KEYS[1], ARGV[j + 2])
+end
+return #KEYS - 1
+"""
+
+
 class RedisPresence:
     """Presence shared by every node through Redis (the node's command connection)."""
 
@@ -296,15 +312,23 @@ class RedisPresence:
         return len(self.local), len({(u, d) for u, d, _ in self.local})
 
     def refresh(self) -> "Deferred[None]":
-        """Renew this node's entries (every 20 s)."""
+        """
+        Renew this node's entries (every ``presence_ttl`` / 3): one script per
+        ``REFRESH_CHUNK`` sockets, so a node of N sockets spends N / 256 round
+        trips, not 3 N, and no script holds Redis for long.
+        """
 
         async def run() -> None:
             conn = self._conn()
             exp = self.now_ms() + self.ttl_ms
-            for (user, device, sock), auth in list(self.local.items()):
-                await conn.hset(self._key(user), self._field(device, sock), "{}|{}".format(auth, exp))
-                await conn.execute_command("PEXPIRE", self._key(user), self.ttl_ms)
-                await conn.sadd(self.users_key, user)
+            entries = list(self.local.items())
+            for start in range(0, len(entries), REFRESH_CHUNK):
+                keys = [self.users_key]
+                args: List[Any] = [self.ttl_ms]
+                for (user, device, sock), auth in entries[start:start + REFRESH_CHUNK]:
+                    keys.append(self._key(user))
+                    args += [self._field(device, sock), "{}|{}".format(auth, exp), user]
+                await conn.eval(_REFRESH, keys, [str(a) for a in args])
 
         return Deferred.fromCoroutine(run())
 
