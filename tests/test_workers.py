@@ -223,9 +223,17 @@ class WorkersTests(TestCase):
             assert client.raw is not None
             info = await client.raw.closed
             self.assertNotEqual(info[0], 1000)
-        await wait_until(self, lambda: len(children(server.pid)) == 2 and victim not in children(server.pid),  # type: ignore[arg-type]
-                         "a replacement worker", 30, interval=0.1)
-        replacement = children(server.pid) - workers  # type: ignore[arg-type]
+        seen: List[Set[int]] = []
+
+        def replaced() -> bool:
+            # One scan per check: two scans could see the victim still dying in
+            # the first and not yet replaced in the second.
+            now = children(server.pid)  # type: ignore[arg-type]
+            seen.append(now)
+            return len(now) == 2 and victim not in now and len(now - workers) == 1
+
+        await wait_until(self, replaced, "a replacement worker", 30, interval=0.1)
+        replacement = seen[-1] - workers
         self.assertEqual(len(replacement), 1)
         for client in dropped:
             await client.connect()
