@@ -466,9 +466,6 @@ class ServerProcess:
             raise RuntimeError("server already running (pid {})".format(self.pid))
         check_plugin()
         self._close_files()
-        stdout = open(self.stdout_path, "ab")
-        stderr = open(self.stderr_path, "ab")
-        self._files = [stdout, stderr]
         argv = self.argv()
         prefix = twistd_command()
         if forkserver.enabled() and argv[: len(prefix)] == prefix:
@@ -482,6 +479,9 @@ class ServerProcess:
                 stderr=self.stderr_path,
             )
         else:
+            stdout = open(self.stdout_path, "ab")
+            stderr = open(self.stderr_path, "ab")
+            self._files = [stdout, stderr]
             self.process = subprocess.Popen(
                 argv,
                 cwd=self.directory,

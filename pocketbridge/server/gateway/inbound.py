@@ -189,17 +189,19 @@ class Inbound:
         """A parsed client frame arrived; queue it in arrival order."""
         if self.host.stopped:
             return
-        if self.inbox is None:
-            self.inbox = deque()
-        self.inbox.append((msg_type, fields))
+        self._queue().append((msg_type, fields))
         self.pump()
 
     def push_first(self, msg_type: str, fields: Dict[str, Any]) -> None:
         """Queue the server's own request ahead of the client's frames; it takes no tokens."""
         fields[SERVER_REQUEST] = True
+        self._queue().appendleft((msg_type, fields))
+
+    def _queue(self) -> Deque[Tuple[str, Dict[str, Any]]]:
+        """The inbox, made when the first frame waits in it."""
         if self.inbox is None:
             self.inbox = deque()
-        self.inbox.appendleft((msg_type, fields))
+        return self.inbox
 
     def _blocked(self) -> bool:
         host = self.host
